@@ -1,0 +1,418 @@
+"""The artifact store: an SQLite index plus content-addressed safetensors blobs.
+
+Layout of a store directory::
+
+    index.sqlite                      one row per NAME@TAG (kind, sha256, size, created, parent, meta JSON)
+    blobs/<sha256[:2]>/<sha256>.safetensors
+    tmp/<pid>.<random>.part           blobs being written (locked by their writer while it lives)
+
+Crash safety: a blob is written to `tmp/`, fsynced, renamed into `blobs/` (and the directory fsynced) inside the
+index's write transaction, and only then is the index row committed. A process killed at any point leaves either no
+row (and at worst an unreferenced blob or temp file, cleaned later) or a row whose blob is complete on disk.
+Writers serialise on SQLite's write lock (`BEGIN IMMEDIATE` with a busy timeout), so concurrent processes lose nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from spkprune.errors import SpkpruneError
+from spkprune.store import fs
+from spkprune.store.refs import check_name, check_tag, format_ref, parse_ref
+
+STORE_FORMAT = "spkprune.store"
+STORE_VERSION = 1
+INDEX_FILE = "index.sqlite"
+BLOB_DIR = "blobs"
+TMP_DIR = "tmp"
+TMP_SUFFIX = ".part"
+BUSY_TIMEOUT_S = 120.0
+STALE_TMP_S = 3600.0  # a temp file whose writer's pid was reused is removed after this long
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts (
+    name TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    parent TEXT,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (name, tag)
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_sha ON artifacts (sha256);
+"""
+_COLUMNS = "name, tag, kind, sha256, size, created, parent, meta"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One index row: a named, tagged blob in the store."""
+
+    name: str
+    tag: str
+    kind: str
+    path: Path
+    sha256: str
+    size: int
+    created: str
+    parent: str | None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return format_ref(self.name, self.tag)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Store:
+    """A store directory. Create with `Store.open(path)`; every method opens its own short SQLite connection."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.index_path = self.root / INDEX_FILE
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ----------------------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, create: bool = True) -> "Store":
+        """Open the store at `path`; create it there when the path is missing or an empty directory."""
+        root = Path(path).expanduser()
+        if root.exists() and not root.is_dir():
+            raise SpkpruneError(f"store path {root} is a file, not a store directory; pass --store DIR")
+        store = cls(root)
+        if store.index_path.is_file():
+            store._check_or_init()
+        elif root.is_dir() and any(root.iterdir()):
+            raise SpkpruneError(
+                f"{root} exists and is not a spkprune store (no {INDEX_FILE}); "
+                "pass --store with a new or empty directory"
+            )
+        elif not create:
+            raise SpkpruneError(f"no store at {root}; train or import a model first, or pass --store DIR")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            store._check_or_init()  # creates index.sqlite first, so a racing opener sees a store, not a stray dir
+            fs.fsync_dir(root)
+            if root.parent.exists():
+                fs.fsync_dir(root.parent)
+        (root / BLOB_DIR).mkdir(exist_ok=True)
+        (root / TMP_DIR).mkdir(exist_ok=True)
+        store.clean_tmp()
+        return store
+
+    def _check_or_init(self) -> None:
+        try:
+            with self._db() as con:
+                tables = self._tables(con)
+                if not tables:
+                    self._init_schema(con)
+                    tables = self._tables(con)
+                if "store_info" not in tables or "artifacts" not in tables:
+                    raise SpkpruneError(
+                        f"{self.index_path} is an SQLite file but not a spkprune store index; "
+                        "pass --store with a new or empty directory"
+                    )
+                info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise SpkpruneError(
+                f"{self.index_path} is not a spkprune store index ({err}); pass --store with a new or empty directory"
+            ) from None
+        if info.get("format") != STORE_FORMAT:
+            raise SpkpruneError(f"{self.root} is not a spkprune store (its index has format {info.get('format')!r})")
+        if int(info.get("version", "0")) > STORE_VERSION:
+            raise SpkpruneError(
+                f"store {self.root} has version {info['version']}; this spkprune reads version {STORE_VERSION}: "
+                "upgrade spkprune"
+            )
+
+    @staticmethod
+    def _tables(con: sqlite3.Connection) -> set[str]:
+        return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    @staticmethod
+    def _init_schema(con: sqlite3.Connection) -> None:
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                con.execute(statement)
+            con.executemany(
+                "INSERT OR IGNORE INTO store_info (key, value) VALUES (?, ?)",
+                [("format", STORE_FORMAT), ("version", str(STORE_VERSION)), ("created", _now())],
+            )
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    # ------------------------------------------------------------------------------------------ connections
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            con.execute("PRAGMA synchronous = FULL")
+            yield con
+        except sqlite3.OperationalError as err:
+            if "locked" in str(err) or "busy" in str(err):
+                raise SpkpruneError(
+                    f"store {self.root} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s; try again"
+                ) from None
+            raise
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding the store's write lock (other writers wait, readers go on)."""
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -------------------------------------------------------------------------------------------- reading
+    def _blob_path(self, sha256: str) -> Path:
+        return self.root / BLOB_DIR / sha256[:2] / f"{sha256}.safetensors"
+
+    def _artifact(self, row: tuple) -> Artifact:
+        name, tag, kind, sha256, size, created, parent, meta = row
+        return Artifact(name, tag, kind, self._blob_path(sha256), sha256, int(size), created, parent, json.loads(meta))
+
+    def get(self, name: str, tag: str = "main") -> Artifact | None:
+        with self._db() as con:
+            row = con.execute(
+                f"SELECT {_COLUMNS} FROM artifacts WHERE name = ? AND tag = ?", (name, tag)
+            ).fetchone()
+        return self._artifact(row) if row else None
+
+    def exists(self, name: str, tag: str = "main") -> bool:
+        return self.get(name, tag) is not None
+
+    def list(self, name: str | None = None) -> list[Artifact]:
+        """All artifacts (or those of one name), by name then creation time."""
+        query = f"SELECT {_COLUMNS} FROM artifacts"
+        args: tuple = ()
+        if name is not None:
+            query, args = query + " WHERE name = ?", (name,)
+        with self._db() as con:
+            rows = con.execute(query + " ORDER BY name, created, tag", args).fetchall()
+        return [self._artifact(row) for row in rows]
+
+    def names(self) -> list[str]:
+        with self._db() as con:
+            return [row[0] for row in con.execute("SELECT DISTINCT name FROM artifacts ORDER BY name")]
+
+    def tags(self, name: str) -> list[str]:
+        with self._db() as con:
+            rows = con.execute("SELECT tag FROM artifacts WHERE name = ? ORDER BY created, tag", (name,))
+            return [row[0] for row in rows]
+
+    def resolve(self, ref: str) -> Artifact:
+        """The artifact for `NAME` (= `NAME@main`) or `NAME@TAG`; SpkpruneError naming what exists otherwise."""
+        name, tag = parse_ref(ref)
+        art = self.get(name, tag)
+        if art is not None:
+            return art
+        tags = self.tags(name)
+        if tags:
+            raise SpkpruneError(f"{name!r} has no tag {tag!r} in store {self.root}; its tags: {_short_list(tags)}")
+        names = self.names()
+        if not names:
+            raise SpkpruneError(f"no artifact named {name!r}: store {self.root} is empty; train or import a model first")
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpkpruneError(
+            f"no artifact named {name!r} in store {self.root}{hint}; known names: {_short_list(names)}"
+        )
+
+    def read_bytes(self, art: Artifact) -> bytes:
+        """The blob's bytes after checking its size and sha256 against the index."""
+        try:
+            data = art.path.read_bytes()
+        except FileNotFoundError:
+            raise SpkpruneError(
+                f"artifact {art.ref} is corrupt: its blob {art.path} is missing; re-create it or delete the tag "
+                f"(spkprune rm {art.ref})"
+            ) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != art.sha256:
+            raise SpkpruneError(
+                f"artifact {art.ref} is corrupt: sha256 mismatch (index {art.sha256[:16]}..., file {digest[:16]}..., "
+                f"{len(data)} of {art.size} bytes) in {art.path}; re-create it or delete the tag (spkprune rm {art.ref})"
+            )
+        return data
+
+    def read(self, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, safetensors __metadata__) of a verified blob."""
+        from safetensors.torch import load
+
+        data = self.read_bytes(art)
+        return load(data), fs.header_metadata(fs.parse_header(data))
+
+    # -------------------------------------------------------------------------------------------- writing
+    def put(
+        self,
+        name: str,
+        tag: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+        meta: dict | None = None,
+        kind: str = "checkpoint",
+        parent: str | None = None,
+        replace: bool = False,
+    ) -> Artifact:
+        """Write `tensors` (+ string `metadata` in the file header) as NAME@TAG with `meta` in the index.
+
+        SpkpruneError if NAME@TAG exists and `replace` is false; with `replace` the old row is swapped atomically.
+        """
+        check_name(name)
+        check_tag(tag)
+        if not kind:
+            raise ValueError("kind must be a non-empty string")
+        meta_json = json.dumps(meta or {}, sort_keys=True)
+        if not replace and self.exists(name, tag):
+            raise _exists_error(name, tag)
+        data = _serialize(tensors, metadata)
+        sha256 = hashlib.sha256(data).hexdigest()
+        created = _now()
+        old_sha = self._commit_blob(name, tag, data, sha256, replace, (kind, sha256, len(data), created, parent, meta_json))
+        if old_sha and old_sha != sha256:
+            self._drop_unreferenced([old_sha])
+        return Artifact(name, tag, kind, self._blob_path(sha256), sha256, len(data), created, parent, json.loads(meta_json))
+
+    def _commit_blob(self, name: str, tag: str, data: bytes, sha256: str, replace: bool, row: tuple) -> str | None:
+        """Durably place the blob and commit its row; returns the sha256 of the row it replaced, if any."""
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(exist_ok=True)
+        tmp = tmp_dir / f"{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # tells clean_tmp() in other processes that this file is alive
+            fs.write_all(fd, data)
+            os.fsync(fd)
+            with self._write() as con:
+                old = con.execute("SELECT sha256 FROM artifacts WHERE name = ? AND tag = ?", (name, tag)).fetchone()
+                if old and not replace:
+                    raise _exists_error(name, tag)
+                final = self._blob_path(sha256)
+                if not final.parent.is_dir():
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    fs.fsync_dir(final.parent.parent)
+                os.replace(tmp, final)
+                fs.fsync_dir(final.parent)
+                con.execute(
+                    f"INSERT OR REPLACE INTO artifacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (name, tag, *row)
+                )
+            return old[0] if old else None
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, name: str, tag: str = "main") -> Artifact:
+        """Remove NAME@TAG from the index, then its blob if no other tag shares it."""
+        art = self.resolve(format_ref(name, tag))
+        with self._write() as con:
+            con.execute("DELETE FROM artifacts WHERE name = ? AND tag = ?", (name, tag))
+        self._drop_unreferenced([art.sha256])
+        return art
+
+    def _drop_unreferenced(self, shas: list[str]) -> None:
+        # Under the write lock: a put() renames blobs only while holding it, so "unreferenced" cannot race.
+        with self._write() as con:
+            for sha in shas:
+                if not con.execute("SELECT 1 FROM artifacts WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
+                    self._blob_path(sha).unlink(missing_ok=True)
+
+    def gc(self) -> int:
+        """Remove blobs no index row references (left by a crash between rename and commit) and dead temp files."""
+        removed = self.clean_tmp()
+        with self._write() as con:
+            referenced = {row[0] for row in con.execute("SELECT DISTINCT sha256 FROM artifacts")}
+            for blob in (self.root / BLOB_DIR).glob("*/*.safetensors"):
+                if blob.stem not in referenced:
+                    blob.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def clean_tmp(self) -> int:
+        """Delete temp files whose writer is gone (its lock is free and its pid is dead, or the file is old)."""
+        removed = 0
+        for tmp in (self.root / TMP_DIR).glob(f"*{TMP_SUFFIX}"):
+            if _tmp_is_orphan(tmp):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _tmp_is_orphan(tmp: Path) -> bool:
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer holds it
+        pid_text = tmp.name.split(".", 1)[0]
+        writer_dead = not pid_text.isdigit() or not fs.pid_alive(int(pid_text))
+        # A live pid may be the writer between creating the file and locking it: keep the file unless it is old.
+        return writer_dead or time.time() - os.fstat(fd).st_mtime > STALE_TMP_S
+    finally:
+        os.close(fd)
+
+
+def _serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    from safetensors.torch import save
+
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"store.put expects tensors only; not tensors: {bad[:5]}")
+    plain: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel():
+            value = value.clone()  # safetensors refuses tensors that share memory (tied weights, views)
+        seen.add(value.untyped_storage().data_ptr())
+        plain[key] = value
+    return save(plain, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+
+
+def _exists_error(name: str, tag: str) -> SpkpruneError:
+    return SpkpruneError(
+        f"{format_ref(name, tag)} already exists in the store; choose another --name or tag, "
+        f"or remove it first (spkprune rm {format_ref(name, tag)})"
+    )
+
+
+def _short_list(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} (+{len(items) - limit} more; see spkprune ls)"
