@@ -1,0 +1,3 @@
+from spkprune.cli import main
+
+main()
