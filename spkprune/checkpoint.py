@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -281,10 +282,16 @@ def sparsity_report(
     }
 
 
+def natural_key(key: str) -> list:
+    """Sort key that puts `block.10` after `block.9`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def tensor_summary(ckpt: Checkpoint) -> list[dict]:
     """One row per tensor: key, shape, dtype, numel, exact zeros, pruned (mask False) and pruned fraction."""
     rows = []
-    for key, value in ckpt.state_dict.items():
+    for key in sorted(ckpt.state_dict, key=natural_key):
+        value = ckpt.state_dict[key]
         mask = ckpt.masks.get(key)
         pruned = int(mask.numel() - int(mask.sum())) if mask is not None else None
         rows.append(
@@ -373,33 +380,32 @@ def _strip_ddp(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def import_checkpoint(
-    path: str | os.PathLike, arch: str, store: Store, name: str, tag: str = "main", replace: bool = False
-) -> Artifact:
-    """Validate an original checkpoint against preset `arch` (strict keys and shapes) and save it as NAME@TAG."""
+def prepare_import(path: str | os.PathLike, arch: str) -> Checkpoint:
+    """An original checkpoint as a Checkpoint for preset `arch`, validated by strict loading (keys and shapes)."""
     from spkprune.models import create_model
 
     path = Path(path).expanduser()
-    parse_ref(f"{name}@{tag}")  # a bad name fails before any work
-    if not replace and store.exists(name, tag):
-        raise SpkpruneError(f"{name}@{tag} already exists in the store; choose another --name or pass --overwrite")
     state_dict, info = read_original_checkpoint(path)
     model = create_model(arch)
     try:
         model.load_state_dict(state_dict, strict=True)
     except SpkpruneError as err:
         raise SpkpruneError(f"{path}: {err}") from None
-    source = {
-        "path": str(path.resolve()),
-        "sha256": _file_sha256(path),
-        "format": info["format"],
-        "entry": info["entry"],
-    }
+    source = {"path": str(path.resolve()), "sha256": _file_sha256(path), "format": info["format"], "entry": info["entry"]}
     if "epoch" in info:
         source["epoch"] = info["epoch"]
     meta = {"arch": arch, "config": model.config.to_dict(), "selector": None, "source": source}
-    ckpt = Checkpoint(state_dict, info["masks"], meta)
-    return save_checkpoint(store, name, tag, ckpt, replace=replace)
+    return Checkpoint(state_dict, info["masks"], meta, str(path))
+
+
+def import_checkpoint(
+    path: str | os.PathLike, arch: str, store: Store, name: str, tag: str = "main", replace: bool = False
+) -> Artifact:
+    """Validate an original checkpoint against preset `arch` and save it as NAME@TAG."""
+    parse_ref(f"{name}@{tag}")  # a bad name fails before any work
+    if not replace and store.exists(name, tag):
+        raise SpkpruneError(f"{name}@{tag} already exists in the store; choose another --name or pass --overwrite")
+    return save_checkpoint(store, name, tag, prepare_import(path, arch), replace=replace)
 
 
 def _file_sha256(path: Path) -> str:

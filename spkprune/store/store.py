@@ -251,6 +251,27 @@ class Store:
             f"no artifact named {name!r} in store {self.root}{hint}; known names: {_short_list(names)}"
         )
 
+    def lineage(self, art: Artifact) -> tuple[list[Artifact], str | None]:
+        """Ancestors of `art` from its parent up to the root, and the first parent ref that is not in the store
+        (a path, an hf:// reference or a deleted artifact), if the chain ends on one."""
+        chain: list[Artifact] = []
+        seen = {art.ref}
+        parent = art.parent
+        while parent:
+            try:
+                name, tag = parse_ref(parent)
+            except SpkpruneError:
+                return chain, parent
+            found = self.get(name, tag)
+            if found is None:
+                return chain, parent
+            if found.ref in seen:  # a replaced tag can point back into its own history
+                break
+            chain.append(found)
+            seen.add(found.ref)
+            parent = found.parent
+        return chain, None
+
     def read_bytes(self, art: Artifact) -> bytes:
         """The blob's bytes after checking its size and sha256 against the index."""
         try:
