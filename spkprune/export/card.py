@@ -1,0 +1,204 @@
+"""The model card (`README.md`) of an exported folder: Hub YAML front matter and a body a person can use."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from spkprune.export.common import DENSE_FILE, MASKS_FILE, SPARSE_FILE
+
+_TASK = {"type": "image-classification", "name": "Image Classification"}
+
+
+def card_tags(meta: Mapping[str, Any], has_masks: bool) -> list[str]:
+    tags = ["spiking-neural-network", "spikformer"]
+    if has_masks:
+        tags += ["lottery-ticket", "sparse"]
+    if meta.get("selector"):
+        tags.append("token-pruning")
+    return tags
+
+
+def front_matter(meta: Mapping[str, Any], name: str, has_masks: bool) -> dict:
+    """The YAML header the Hub reads: library, tags, datasets, metrics and a model-index with the accuracy."""
+    dataset = _dataset(meta)
+    header: dict[str, Any] = {"library_name": "spkprune", "tags": card_tags(meta, has_masks)}
+    if dataset:
+        header["datasets"] = [dataset]
+    top1 = (meta.get("metrics") or {}).get("top1")
+    if top1 is not None:
+        header["metrics"] = ["accuracy"]
+        header["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": dict(_TASK),
+                        "dataset": {"name": dataset or "unknown", "type": dataset or "unknown"},
+                        "metrics": [{"type": "accuracy", "value": round(float(top1), 6), "name": "Top-1 accuracy"}],
+                    }
+                ],
+            }
+        ]
+    return header
+
+
+def _dataset(meta: Mapping[str, Any]) -> str | None:
+    return (meta.get("train") or {}).get("dataset") or (meta.get("config") or {}).get("dataset")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub Markdown table of dict rows (columns default to the keys of the first row)."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(_cell(row.get(col)) for col in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _pct(value: Any) -> str | None:
+    return f"{100 * float(value):.1f}%" if isinstance(value, (int, float)) else None
+
+
+def lineage_rows(chain: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Round table rows from (ref, meta) records, oldest first: ref, prunable sparsity, top-1."""
+    rows = []
+    for record in chain:
+        meta = record.get("meta") or {}
+        rows.append(
+            {
+                "checkpoint": record.get("ref"),
+                "sparsity (prunable)": _pct((meta.get("sparsity") or {}).get("prunable")),
+                "top-1": _pct((meta.get("metrics") or {}).get("top1")),
+            }
+        )
+    return rows
+
+
+def _rounds_section(meta: Mapping[str, Any], lineage: Sequence[Mapping[str, Any]]) -> str:
+    rounds = meta.get("rounds")
+    if isinstance(rounds, list) and rounds and all(isinstance(r, Mapping) for r in rounds):
+        table = markdown_table(rounds)
+    elif lineage:
+        table = markdown_table(lineage_rows(lineage))
+    else:
+        return ""
+    return "## Lineage, round by round\n\n" + table + "\n"
+
+
+def _flops_section(flops: Any) -> str:
+    if not isinstance(flops, Mapping):
+        return ""
+    parts = ["## Operations and energy\n"]
+    rows = flops.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, Mapping) for r in rows):
+        parts.append(markdown_table(rows))
+    totals = flops.get("totals")
+    if isinstance(totals, Mapping) and totals:
+        parts.append("\n**Totals**\n\n" + markdown_table([dict(totals)]))
+    notes = {k: v for k, v in flops.items() if k not in ("rows", "totals")}
+    if notes:
+        parts.append("\n" + "\n".join(f"- {k}: {_cell(v)}" for k, v in notes.items()))
+    return "\n".join(parts) + "\n" if len(parts) > 1 else ""
+
+
+def _summary(meta: Mapping[str, Any], fmt: str, dtype: str) -> str:
+    config = meta.get("config") or {}
+    sparsity = meta.get("sparsity") or {}
+    metrics = meta.get("metrics") or {}
+    facts = [
+        ("architecture", meta.get("arch")),
+        ("dataset", _dataset(meta)),
+        ("embedding dim / depth / heads", "/".join(str(config.get(k, "?")) for k in ("embed_dim", "depth", "num_heads"))
+         if config else None),
+        ("timesteps", config.get("timesteps")),
+        ("sparsity of prunable weights", _pct(sparsity.get("prunable"))),
+        ("sparsity of all parameters", _pct(sparsity.get("total"))),
+        ("top-1 accuracy", _pct(metrics.get("top1"))),
+        ("top-5 accuracy", _pct(metrics.get("top5"))),
+        ("token selector", _selector_text(meta.get("selector"))),
+        ("weights file", f"`{SPARSE_FILE if fmt == 'sparse' else DENSE_FILE}` ({fmt}, {dtype}"
+                         + (", lossy" if dtype != "float32" else "") + ")"),
+    ]
+    return "\n".join(f"- **{name}**: {value}" for name, value in facts if value not in (None, ""))
+
+
+def _selector_text(selector: Any) -> str | None:
+    if not selector:
+        return None
+    if isinstance(selector, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in selector.items())
+    return str(selector)
+
+
+def _load_section(fmt: str, hub_ref: str | None, has_masks: bool) -> str:
+    source = hub_ref or "path/to/this/folder"
+    weights = SPARSE_FILE if fmt == "sparse" else DENSE_FILE
+    text = [
+        "## How to load it\n",
+        "With spkprune (weights, exact masks and metadata):\n",
+        "```python",
+        "from spkprune.checkpoint import load_checkpoint, build_model",
+        "",
+        f'ckpt = load_checkpoint("{source}")',
+        "model = build_model(ckpt).eval()   # the Spikformer with these weights, strictly loaded",
+        "```\n",
+        f"From the command line: `spkprune evaluate {source}`.\n",
+    ]
+    if fmt == "dense":
+        text += [
+            "Without spkprune, `model.safetensors` is a plain state_dict with the original Spikformer key names, so it "
+            "loads strictly into the original code:\n",
+            "```python",
+            "from safetensors.torch import load_file",
+            "",
+            f'state_dict = load_file("{weights}")',
+            "model.load_state_dict(state_dict)   # model built with the original Spikformer code and this config",
+            "```\n",
+        ]
+        if has_masks:
+            text.append(f"`{MASKS_FILE}` holds the exact pruning masks as packed bits (see spkprune's docs/export.md).\n")
+    else:
+        text.append(
+            f"`{weights}` is spkprune's compact sparse format (packed bitmask or CSR plus the kept values); "
+            "docs/export.md in spkprune specifies it and has a 20-line numpy reader.\n"
+        )
+    return "\n".join(text)
+
+
+def model_card(
+    meta: Mapping[str, Any],
+    *,
+    name: str,
+    fmt: str,
+    dtype: str,
+    has_masks: bool,
+    lineage: Sequence[Mapping[str, Any]] = (),
+    hub_ref: str | None = None,
+) -> str:
+    """README.md text. `lineage` is a list of {"ref", "meta"} records, oldest first, ending with this checkpoint."""
+    header = yaml.safe_dump(front_matter(meta, name, has_masks), sort_keys=False, allow_unicode=True)
+    what = ("a lottery ticket: the subnetwork that iterative magnitude pruning kept, with its exact mask"
+            if has_masks else "a dense checkpoint")
+    intro = f"# {name}\n\nA Spikformer spiking transformer exported by spkprune, {what}.\n"
+    sections = [
+        intro,
+        _summary(meta, fmt, dtype) + "\n",
+        _rounds_section(meta, lineage),
+        _flops_section(meta.get("flops")),
+        _load_section(fmt, hub_ref, has_masks),
+    ]
+    recipe = meta.get("recipe")
+    if recipe:
+        sections.append("## Recipe\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n")
+    return "---\n" + header + "---\n\n" + "\n".join(s for s in sections if s)
