@@ -1,0 +1,263 @@
+"""The token selector: configuration, masked == gathered, clean BatchNorm statistics, straight-through gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spkprune.errors import SpkpruneError
+from spkprune.models import create_model
+from spkprune.models.selector import (
+    TokenSelector,
+    attach_selectors,
+    cumulative_keep,
+    last_kept,
+    selector_config,
+    selectors_of,
+    set_selector_mode,
+    tokens_kept,
+    tokens_per_block,
+)
+
+SCORERS = ("learned", "firing-rate", "random")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lively(model, images):
+    """Random weights barely spike; wider BatchNorm gains and running stats from one batch make every layer fire."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+            torch.nn.init.uniform_(module.weight, 1.0, 3.0)
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def digits_model(scorer="learned", keep=0.7, seed=0, **config):
+    torch.manual_seed(seed)
+    model = create_model("spikformer-4-64-digits")
+    if scorer is not None:
+        attach_selectors(model, {"keep": keep, "scorer": scorer, **config})
+    return model
+
+
+def batch(n=16, seed=1):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_cumulative_keep_follows_the_reference_code():
+    assert cumulative_keep(0.7, [1, 2, 3]) == [0.7, 0.49, 0.343]
+    assert cumulative_keep([0.9, 0.5], [1, 3]) == [0.9, 0.5]
+    assert cumulative_keep([0.5], [1, 2]) == [0.5, 0.25]
+    # The paper's CIFAR counts: 64 -> 44 -> 31 -> 21 at rho 0.7, 64 -> 32 -> 16 -> 8 at 0.5, 64 -> 57 -> 51 -> 46 at 0.9.
+    assert [tokens_kept(64, r) for r in cumulative_keep(0.7, [1, 2, 3])] == [44, 31, 21]
+    assert [tokens_kept(64, r) for r in cumulative_keep(0.5, [1, 2, 3])] == [32, 16, 8]
+    assert [tokens_kept(64, r) for r in cumulative_keep(0.9, [1, 2, 3])] == [57, 51, 46]
+
+
+def test_attach_and_config_round_trip():
+    model = digits_model("firing-rate")
+    config = selector_config(model)
+    assert config == {"locations": [1, 2, 3], "keep": [0.7, 0.49, 0.343], "scorer": "firing-rate"}
+    assert tokens_per_block(model) == [16, 11, 7, 5]
+    assert sorted(model.token_selectors) == ["1", "2", "3"]
+    # The dense keys are untouched; a learned selector adds token_selectors.<block>.* keys only.
+    learned = digits_model("learned", locations=[2])
+    extra = sorted(set(learned.state_dict()) - set(create_model("spikformer-4-64-digits").state_dict()))
+    assert extra == [f"token_selectors.2.mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
+    assert learned.state_dict()["token_selectors.2.mlp.0.weight"].shape == (32, 64)
+    assert learned.state_dict()["token_selectors.2.mlp.2.weight"].shape == (2, 32)
+    # A rebuilt model from the stored configuration loads the state_dict strictly.
+    rebuilt = attach_selectors(create_model("spikformer-4-64-digits"), selector_config(learned))
+    rebuilt.load_state_dict(learned.state_dict(), strict=True)
+    assert "token_selectors.2.mlp.0.weight" not in learned.prunable_weights()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"keep": 0.0}, "must lie in (0, 1]"),
+        ({"keep": 1.5}, "must lie in (0, 1]"),
+        ({"keep": [0.7, 0.8, 0.5]}, "must not increase"),
+        ({"keep": [0.7, 0.5]}, "2 keep ratios for 3 selector locations"),
+        ({"locations": [4]}, "do not exist"),
+        ({"locations": [0]}, "do not exist"),
+        ({"locations": [1, 1]}, "repeat a block"),
+        ({"keep": 0.05, "locations": [1]}, "leaves 0 of 16 tokens"),
+        ({"keep": 0.3}, "leaves 0 of 16 tokens"),  # 0.3**3 * 16 = 0.43
+        ({"scorer": "entropy"}, "unknown token scorer"),
+        ({"kept": 0.5}, "unknown token selector option"),
+    ],
+)
+def test_bad_configurations_fail_with_one_line(config, message):
+    with pytest.raises(SpkpruneError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as err:
+        attach_selectors(create_model("spikformer-4-64-digits"), config)
+    assert "\n" not in str(err.value)
+
+
+def test_models_without_room_for_a_selector_are_refused():
+    with pytest.raises(SpkpruneError, match="needs at least 2 blocks"):
+        attach_selectors(create_model("spikformer-2-64-digits", depth=1), {"keep": 0.7})
+    with pytest.raises(SpkpruneError, match="1 token"):
+        attach_selectors(create_model("spikformer-2-64-digits", num_pools=3), {"keep": 0.7})
+
+
+# ---- masked == gathered -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_masked_forward_equals_gathered_forward(scorer):
+    images = batch(24)
+    model = lively(digits_model(scorer), images)
+    torch.manual_seed(5)
+    masked = set_selector_mode(model, "mask")(images)
+    masks = [s.last_mask.clone() for s in selectors_of(model).values()]
+    torch.manual_seed(5)
+    gathered = set_selector_mode(model, "gather")(images)
+    assert [s.last_mask.tolist() for s in selectors_of(model).values()] == [m.tolist() for m in masks]
+    assert torch.allclose(masked, gathered, atol=1e-5, rtol=0)
+    assert masked.abs().max() > 0.1  # the network is alive, so the comparison means something
+    assert last_kept(model) == {1: 11.0, 2: 7.0, 3: 5.0}
+    # Each selector chose among the tokens the previous one kept (cumulative), one decision per image.
+    for earlier, later in zip(masks, masks[1:]):
+        assert not (later & ~earlier).any()
+    assert [m.sum(1).unique().tolist() for m in masks] == [[11], [7], [5]]
+    # Dropping tokens changes the answer: the comparison above is not between two dense runs.
+    model.token_selectors.clear()
+    assert (model(images) - masked).abs().max() > 1e-3
+
+
+def test_gather_really_shrinks_the_work():
+    images = batch(4)
+    model = lively(digits_model("firing-rate"), images)
+    seen = {}
+    for index, block in enumerate(model.block):
+        block.register_forward_pre_hook(lambda _m, args, i=index: seen.__setitem__(i, tuple(args[0].shape)))
+    model(images)
+    assert seen == {0: (4, 4, 16, 64), 1: (4, 4, 11, 64), 2: (4, 4, 7, 64), 3: (4, 4, 5, 64)}
+
+
+def test_firing_rate_scorer_keeps_the_most_active_tokens():
+    selector = TokenSelector(8, 0.5, "firing-rate", num_tokens=4).eval()
+    tokens = torch.zeros(2, 1, 4, 8)
+    tokens[:, 0, 1] = 2.0  # token 1 fires most, then token 3, then 2 and 0 tie at 0 (lowest index wins the tie)
+    tokens[:, 0, 3] = 1.0
+    out, keep = selector.set_mode("mask")(tokens, None)
+    assert keep.tolist() == [[False, True, False, True]]
+    gathered, none = selector.set_mode("gather")(tokens, None)
+    assert none is None and torch.equal(gathered, tokens[:, :, [1, 3]])
+    # Among tokens an earlier selector dropped, nothing is chosen even if they fire most.
+    _, keep = selector.set_mode("mask")(tokens, torch.tensor([[True, False, True, True]]))
+    assert keep.tolist() == [[True, False, False, True]]
+
+
+def test_random_scorer_is_deterministic_given_the_torch_seed():
+    images = batch(8)
+    model = lively(digits_model("random"), images)
+    torch.manual_seed(3)
+    model(images)
+    first = selectors_of(model)[1].last_mask.clone()
+    torch.manual_seed(3)
+    model(images)
+    assert torch.equal(first, selectors_of(model)[1].last_mask)
+    model(images)
+    assert not torch.equal(first, selectors_of(model)[1].last_mask)
+
+
+# ---- training: BatchNorm statistics and gradients ---------------------------------------------------------------
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_dropped_tokens_do_not_touch_batchnorm_statistics_or_logits():
+    images = batch(12)
+    model = lively(digits_model("firing-rate"), images)
+    start = _bn_buffers(model)
+
+    def train_forward(poison: float | None):
+        model.load_state_dict({**model.state_dict(), **start})
+        handles = []
+        if poison is not None:  # overwrite every dropped token with a huge value right after its selector
+            def hook(_module, _inputs, output):
+                tokens, keep = output
+                return tokens.masked_fill(~keep.view(1, *keep.shape, 1), poison), keep
+
+            handles = [s.register_forward_hook(hook) for s in selectors_of(model).values()]
+        model.train()
+        torch.manual_seed(0)
+        logits = model(images)
+        for handle in handles:
+            handle.remove()
+        return logits, _bn_buffers(model)
+
+    clean_logits, clean_stats = train_forward(None)
+    poisoned_logits, poisoned_stats = train_forward(1e6)
+    assert torch.equal(clean_logits, poisoned_logits)
+    for key in clean_stats:
+        assert torch.equal(clean_stats[key], poisoned_stats[key]), key
+    assert any(not torch.equal(clean_stats[k], start[k]) for k in start if k.startswith("block.3"))
+
+
+def test_masked_block_statistics_equal_gathered_block_statistics():
+    images = batch(8)
+    model = lively(digits_model(None), images)
+    tokens = model.patch_embed(model.encode(images)).detach()
+    keep = torch.zeros(8, 16, dtype=torch.bool)
+    keep[:, ::3] = True
+    block = model.block[1].train()
+    start = {k: v.clone() for k, v in block.state_dict().items()}
+    masked_out = block(tokens, keep)
+    masked_stats = {k: v.clone() for k, v in block.state_dict().items()}
+    block.load_state_dict(start)
+    gathered_out = block(tokens[:, :, keep[0]], None)
+    for key, value in block.state_dict().items():
+        assert torch.allclose(masked_stats[key].float(), value.float(), atol=1e-6), key
+    assert torch.allclose(masked_out[:, :, keep[0]], gathered_out, atol=1e-5)
+
+
+def test_learned_selector_gets_straight_through_gradients_from_the_task_loss():
+    images = batch(16)
+    model = lively(digits_model("learned"), images).train()
+    torch.manual_seed(0)
+    logits = model(images)
+    torch.nn.functional.cross_entropy(logits, torch.arange(16) % 10).backward()
+    for location, selector in selectors_of(model).items():
+        first, last = selector.mlp[0].weight.grad, selector.mlp[2].weight.grad
+        assert first is not None and last is not None, location
+        assert torch.isfinite(first).all() and first.abs().sum() > 0, location
+        assert last.abs().sum() > 0, location
+        decision = selector.last_decision
+        assert decision.requires_grad and set(decision.detach().unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(decision.detach() > 0.5, selector.last_mask)
+    masks = [s.last_mask for s in selectors_of(model).values()]
+    kept = [int(m.sum()) for m in masks]
+    assert kept[0] > kept[1] > kept[2] > 0  # cumulative: D̂ = D̂ ⊙ D shrinks the kept set
+    for earlier, later in zip(masks, masks[1:]):
+        assert not (later & ~earlier).any()
+
+
+def test_learned_training_forward_keeps_the_dense_values_of_kept_tokens():
+    """The straight-through gate multiplies by exactly 1: the forward is bit-identical to a hard-masked one."""
+    images = batch(8)
+    model = lively(digits_model("learned"), images).train()
+    torch.manual_seed(0)
+    gated = model(images)
+    masks = [s.last_mask.clone() for s in selectors_of(model).values()]
+    replay = iter(masks)
+    for selector in selectors_of(model).values():
+        selector.register_forward_hook(lambda _m, inputs, _out: (inputs[0], next(replay)))
+    assert torch.equal(model(images), gated)
