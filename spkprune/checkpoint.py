@@ -339,12 +339,14 @@ def _torch_load(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         text = str(err)
-        if "Unsupported global" in text:
-            what = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
             raise SpkpruneError(
-                f"{path} is not a plain tensor dictionary: it pickles {what}, which spkprune refuses to load "
-                "(weights_only); save model.state_dict() with torch.save or as safetensors"
+                f"{path} is not a plain tensor dictionary: it pickles GLOBAL {refused.group(1)}, which spkprune "
+                "refuses to load (weights_only); save model.state_dict() with torch.save or as safetensors"
             ) from None
+        if "WeightsUnpickler error:" in text:  # torch's long advice text around the actual reason
+            text = text.split("WeightsUnpickler error:", 1)[1]
         first = text.strip().splitlines()[0] if text.strip() else err.__class__.__name__
         raise SpkpruneError(f"{path} is not a readable PyTorch checkpoint (truncated or another format): {first[:160]}") from None
 
