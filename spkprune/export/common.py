@@ -88,8 +88,9 @@ def canonical_weights(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str
 
 
 def check_float16_range(key: str, array: np.ndarray) -> None:
-    finite = np.isfinite(array)
-    if np.any(finite & ~np.isfinite(array.astype(np.float16))):
+    with np.errstate(over="ignore"):
+        overflow = np.isfinite(array) & ~np.isfinite(array.astype(np.float16))
+    if np.any(overflow):
         raise SpkpruneError(f"tensor {key!r} has values beyond the float16 range; export with --dtype float32")
 
 

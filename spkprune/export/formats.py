@@ -59,7 +59,7 @@ def write_dense(path: Path, state_dict: Mapping[str, torch.Tensor], masks: Mappi
         if cast is not None and np.issubdtype(array.dtype, np.floating):
             check_float16_range(key, array)
             array = array.astype(cast)
-        tensors[key] = np.ascontiguousarray(array)
+        tensors[key] = array
     metadata = {
         "format": "pt",
         "spkprune_format": DENSE_FORMAT,
@@ -116,7 +116,7 @@ def read_dense(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for key, array in state_dict.items():
         if array.dtype == np.float16 and dtype == "float16":
             array = array.astype(np.float32)
-        out[key] = torch.from_numpy(np.ascontiguousarray(array))
+        out[key] = torch.from_numpy(array.copy())  # copy: writable, and a 0-d array stays 0-d
     note_lossy(path, dtype)
     return out, meta
 
