@@ -1,0 +1,55 @@
+"""`spkprune run RECIPE.yaml [key=value ...]`: a whole pipeline from one YAML recipe, skipping finished stages."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+
+from spkprune.cli.app import DEFAULT_STORE, app
+from spkprune.cli.render import check_format, render_frame, stderr
+
+
+def _store_for(ctx: typer.Context, recipe_store: str | None) -> Path:
+    """--store, then $SPKPRUNE_STORE, then the recipe's `store`, then ./spkprune-store."""
+    explicit = ctx.find_root().params.get("store")
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("SPKPRUNE_STORE"):
+        return Path(os.environ["SPKPRUNE_STORE"])
+    return Path(recipe_store or DEFAULT_STORE)
+
+
+@app.command("run")
+def run_command(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/ and docs/recipes.md)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="key=value overrides, typed by the recipe schema: seed=1 imp.rounds=5 vars.keep=0.5", show_default=False
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would run or be skipped; run nothing."),
+    show: bool = typer.Option(False, "--show", help="Print the resolved recipe (after overrides and ${...}) as YAML."),
+    fmt: str = typer.Option("table", "--format", help="Summary output: table, json, csv or md."),
+) -> None:
+    """Run a pipeline recipe: train -> imp -> select-tokens -> evaluate -> flops -> export, resumable."""
+    from spkprune.recipes import load_recipe, plan, plan_frame, run_recipe, summary_frame
+
+    check_format(fmt)
+    resolved = load_recipe(recipe, overrides or [])
+    store = _store_for(ctx, resolved.store)
+    if show:
+        sys.stdout.write(yaml.safe_dump(resolved.resolved, sort_keys=False))
+        return
+    if dry_run:
+        render_frame(plan_frame(plan(resolved, store)), fmt, title=f"plan for {resolved.name} (store {store})")
+        return
+    report = run_recipe(resolved, store, log=lambda message: stderr.print(message, markup=False, highlight=False))
+    plots = report.plots
+    extra = {"recipe": resolved.name, "store": str(store), "plots": plots}
+    if fmt == "table":
+        extra = {"store": str(store), **({"plots": ", ".join(plots)} if plots else {})}
+    render_frame(summary_frame(report), fmt, title=f"recipe {resolved.name}", extra=extra)

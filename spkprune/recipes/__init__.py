@@ -1,0 +1,25 @@
+"""Recipes: whole lottery-ticket pipelines from one YAML file (`spkprune run`), resumable and idempotent."""
+
+from spkprune.recipes.resolve import Recipe, RecipeError, Stage, apply_override, load_recipe, parse_recipe, stage_hash
+from spkprune.recipes.runner import RunReport, StageOutcome, plan, run_recipe
+from spkprune.recipes.schema import STAGE_TYPES, Opt, StageType
+from spkprune.recipes.summary import plan_frame, summary_frame
+
+__all__ = [
+    "Opt",
+    "Recipe",
+    "RecipeError",
+    "RunReport",
+    "STAGE_TYPES",
+    "Stage",
+    "StageOutcome",
+    "StageType",
+    "apply_override",
+    "load_recipe",
+    "parse_recipe",
+    "plan",
+    "plan_frame",
+    "run_recipe",
+    "stage_hash",
+    "summary_frame",
+]

@@ -1,0 +1,610 @@
+"""From a YAML file and `key=value` overrides to a validated, fully resolved recipe.
+
+Order of work: read the YAML -> apply overrides (typed later by the schema) -> resolve `${...}` interpolation ->
+check every key and value against the schema -> link stage references -> hash each stage's identity. Any problem
+raises RecipeError naming the key path and what was expected, before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spkprune.errors import SpkpruneError
+from spkprune.recipes.schema import (
+    DATA_KEYS,
+    SECTION_KEYS,
+    STAGE_TYPES,
+    TOP_LEVEL,
+    CoerceError,
+    Opt,
+    StageType,
+    coerce,
+)
+from spkprune.store.refs import DEFAULT_TAG
+
+HASH_LENGTH = 16
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_INTERP_RE = re.compile(r"\$\{([^}]*)\}")
+_STAGE_FIELDS = ("ref", "name", "out", "hash")
+
+
+class RecipeError(SpkpruneError):
+    """A recipe that cannot run: the message starts with the file and the key path."""
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """A reference option's target: an earlier stage's output (with an optional tag) or an external reference."""
+
+    stage: str | None = None
+    tag: str | None = None
+    external: str | None = None
+
+
+@dataclass
+class Stage:
+    name: str
+    type: StageType
+    options: dict[str, Any]  # typed, defaults and inherited values filled in; ref options as concrete refs
+    inputs: dict[str, StageInput] = field(default_factory=dict)
+    deps: list[str] = field(default_factory=list)  # earlier stages this one depends on, in recipe order
+    hash: str = ""
+    output_ref: str | None = None  # what `from: <this stage>` resolves to
+    artifact: str | None = None  # the store name it writes (checkpoint / rounds stages)
+
+    def identity(self) -> dict:
+        """The JSON document hashed into this stage's identity."""
+        return {"type": self.type.name, "options": _identity_options(self)}
+
+
+@dataclass
+class Recipe:
+    path: Path | None
+    name: str
+    model: str | None
+    dataset: str | None
+    data_dir: str | None
+    seed: int
+    store: str | None
+    description: str | None
+    vars: dict[str, Any]
+    stages: list[Stage]
+    resolved: dict  # the recipe after overrides and interpolation: stored with every artifact it makes
+    overrides: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def downstream(self, name: str) -> list[str]:
+        """Stages that depend on `name`, directly or not."""
+        found: list[str] = []
+        for stage in self.stages:
+            if any(dep == name or dep in found for dep in stage.deps):
+                found.append(stage.name)
+        return found
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, interpolate, validate and hash a recipe file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"no recipe file {path}; see recipes/ for examples") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read recipe {path}: {err}") from None
+    return parse_recipe(text, where=where, default_name=path.stem, overrides=overrides, path=path)
+
+
+def parse_recipe(
+    text: str,
+    *,
+    where: str = "recipe",
+    default_name: str = "recipe",
+    overrides: list[str] | None = None,
+    path: Path | None = None,
+) -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{where}: {problem}{at}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys (model, data, seed, vars, stages), got {_kind(raw)}")
+    raw = _normalise_stages(raw, where)
+    for item in overrides or []:
+        apply_override(raw, item, where)
+    return _Resolver(raw, where, default_name, path, list(overrides or [])).recipe()
+
+
+def _normalise_stages(raw: dict, where: str) -> dict:
+    """`stages` as an ordered mapping name -> options (a list of {name: ..., type: ...} is accepted too)."""
+    raw = copy.deepcopy(raw)
+    stages = raw.get("stages")
+    if stages is None:
+        raise RecipeError(f"{where}: stages: missing; expected a mapping of named stages (train, imp, ...)")
+    if isinstance(stages, list):
+        mapping: dict[str, Any] = {}
+        for index, item in enumerate(stages):
+            if not isinstance(item, dict) or "name" not in item:
+                raise RecipeError(f"{where}: stages[{index}]: expected a mapping with `name` and `type`")
+            item = dict(item)
+            name = str(item.pop("name"))
+            if name in mapping:
+                raise RecipeError(f"{where}: stages[{index}].name: duplicate stage name {name!r}")
+            mapping[name] = item
+        stages = mapping
+    if not isinstance(stages, dict) or not stages:
+        raise RecipeError(f"{where}: stages: expected a non-empty mapping of named stages, got {_kind(stages)}")
+    for name, body in stages.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name) or "@" in name:
+            raise RecipeError(
+                f"{where}: stages.{name}: invalid stage name; use letters, digits and . _ + - (starting with a "
+                "letter or digit)"
+            )
+        if not isinstance(body, dict):
+            raise RecipeError(f"{where}: stages.{name}: expected a mapping of options with a `type`, got {_kind(body)}")
+        stages[name] = {str(key).replace("-", "_"): value for key, value in body.items()}
+    raw["stages"] = stages
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def apply_override(raw: dict, item: str, where: str) -> None:
+    """Apply one `key.path=value` override to the raw tree (values stay strings; the schema types them)."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"override {item!r}: expected key=value, for example imp.rounds=5 or seed=1")
+    parts = [part.replace("-", "_") for part in key.split(".")]
+    if any(not part for part in parts):
+        raise RecipeError(f"override {item!r}: empty part in the key path")
+    parts = _override_path(raw, parts, item)
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            if parts[0] == "stages" and depth == 1:
+                raise RecipeError(f"override {item!r}: no stage {part!r}; stages: {', '.join(raw['stages'])}")
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = _override_value(parts, value)
+
+
+def _override_path(raw: dict, parts: list[str], item: str) -> list[str]:
+    head = parts[0]
+    stages = raw["stages"]
+    if head in TOP_LEVEL or head in SECTION_KEYS:
+        if head in TOP_LEVEL and len(parts) > 1:
+            raise RecipeError(f"override {item!r}: {head} is a single value, not a mapping")
+        return parts
+    if head in stages:
+        return ["stages", *parts]
+    of_type = [name for name, body in stages.items() if body.get("type") == head]
+    if len(of_type) == 1:
+        return ["stages", of_type[0], *parts[1:]]
+    if len(of_type) > 1:
+        raise RecipeError(
+            f"override {item!r}: several stages have type {head!r} ({', '.join(of_type)}); name the stage instead"
+        )
+    known = [*TOP_LEVEL, *SECTION_KEYS, *stages]
+    raise RecipeError(
+        f"override {item!r}: {head!r} is not a recipe key, a stage name or a stage type{_did_you_mean(head, known)}; "
+        f"keys: {', '.join(TOP_LEVEL)}, data, vars; stages: {', '.join(stages)}"
+    )
+
+
+def _override_value(parts: list[str], value: str) -> Any:
+    if value.strip() in ("null", "~", ""):
+        return None
+    if parts[0] == "vars":  # variables have no schema: read the value as YAML (5 -> int, [1, 2] -> list)
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+# ------------------------------------------------------------------------------------------- the resolver
+class _Resolver:
+    def __init__(self, raw: dict, where: str, default_name: str, path: Path | None, overrides: list[str]):
+        self.raw = raw
+        self.where = where
+        self.default_name = default_name
+        self.path = path
+        self.overrides = overrides
+        self.resolving: list[str] = []
+        self.cache: dict[str, Any] = {}
+        self.stages: dict[str, Stage] = {}
+        self.current_deps: list[str] | None = None
+
+    def fail(self, key: str, message: str) -> RecipeError:
+        return RecipeError(f"{self.where}: {key}: {message}")
+
+    # ---------------------------------------------------------------- top level
+    def recipe(self) -> Recipe:
+        known = set(TOP_LEVEL) | set(SECTION_KEYS)
+        for key in self.raw:
+            if key not in known:
+                raise self.fail(
+                    str(key), f"unknown key{_did_you_mean(str(key), known)}; expected one of {', '.join(sorted(known))}"
+                )
+        top = {key: self.typed(key, TOP_LEVEL[key], self.value(key)) for key in TOP_LEVEL}
+        name = top["name"] or self.default_name
+        if not _NAME_RE.match(name):
+            raise self.fail("name", f"expected letters, digits and . _ + - (it prefixes artifact names), got {name!r}")
+        top["name"] = name
+        self.top = top
+        variables = self.section("vars")
+        resolved_vars = {key: self.value(f"vars.{key}") for key in variables}
+        data = self.section("data")
+        for key in data:
+            if key not in DATA_KEYS:
+                raise self.fail(f"data.{key}", f"unknown key{_did_you_mean(key, DATA_KEYS)}; expected one of dataset, data_dir")
+        self.data = {key: self.typed(f"data.{key}", opt, self.value(f"data.{key}")) for key, opt in DATA_KEYS.items()}
+        self.data["dataset"] = self.data["dataset"] or self.model_dataset()
+        if self.data["dataset"] is not None:
+            self.check_dataset("data.dataset", self.data["dataset"])
+        for stage_name, body in self.raw["stages"].items():
+            self.stages[stage_name] = self.stage(stage_name, body)
+        resolved = {
+            **{key: value for key, value in top.items() if value is not None},
+            "data": {key: value for key, value in self.data.items() if value is not None},
+            "vars": resolved_vars,
+            "stages": {
+                stage.name: {"type": stage.type.name, **_plain_options(stage)} for stage in self.stages.values()
+            },
+        }
+        return Recipe(
+            path=self.path,
+            name=name,
+            model=top["model"],
+            dataset=self.data["dataset"],
+            data_dir=self.data["data_dir"],
+            seed=top["seed"] if top["seed"] is not None else 0,
+            store=top["store"],
+            description=top["description"],
+            vars=resolved_vars,
+            stages=list(self.stages.values()),
+            resolved=resolved,
+            overrides=self.overrides,
+        )
+
+    def section(self, key: str) -> dict:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
+        return value
+
+    def typed(self, key: str, opt: Opt, value: Any) -> Any:
+        try:
+            result = coerce(opt, value)
+        except CoerceError as err:
+            raise self.fail(key, str(err)) from None
+        return opt.default if result is None else result
+
+    def model_dataset(self) -> str | None:
+        model = self.top["model"]
+        if model is None:
+            return None
+        return self.check_model("model", model).dataset
+
+    def check_model(self, key: str, name: str):
+        from spkprune.models import get_config, list_models
+
+        if name not in list_models():
+            raise self.fail(key, f"unknown model preset {name!r}{_did_you_mean(name, list_models())}; see spkprune.list_models()")
+        return get_config(name)
+
+    def check_dataset(self, key: str, name: str) -> None:
+        from spkprune.data import list_datasets
+
+        if name not in list_datasets():
+            raise self.fail(key, f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
+
+    # ---------------------------------------------------------------- interpolation
+    def value(self, path: str) -> Any:
+        """The interpolated value at a dotted path of the raw tree (None when absent)."""
+        if path in self.cache:
+            return self.cache[path]
+        if path in self.resolving:
+            cycle = " -> ".join([*self.resolving[self.resolving.index(path):], path])
+            raise self.fail(path, f"interpolation cycle: {cycle}")
+        node: Any = self.raw
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        self.resolving.append(path)
+        try:
+            result = self.interpolate(path, node)
+        finally:
+            self.resolving.pop()
+        self.cache[path] = result
+        return result
+
+    def interpolate(self, key: str, node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: self.interpolate(f"{key}.{k}", v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.interpolate(f"{key}[{i}]", v) for i, v in enumerate(node)]
+        if not isinstance(node, str) or "${" not in node:
+            return node
+        whole = _INTERP_RE.fullmatch(node.strip())
+        if whole:  # `${vars.keep}` alone keeps the variable's type
+            return self.lookup(key, whole.group(1).strip())
+        return _INTERP_RE.sub(lambda m: _text(self.lookup(key, m.group(1).strip())), node)
+
+    def lookup(self, key: str, target: str) -> Any:
+        parts = target.split(".")
+        head = parts[0]
+        if head == "stages":
+            if not key.startswith("stages."):
+                raise self.fail(key, f"${{{target}}}: only stage options can refer to stages")
+            return self.stage_field(key, parts, target)
+        if head == "vars" and len(parts) >= 2:
+            if parts[1] not in self.section("vars"):
+                known = list(self.section("vars"))
+                raise self.fail(
+                    key,
+                    f"unknown variable ${{{target}}}{_did_you_mean(parts[1], known)}; "
+                    f"defined: {', '.join(known) or 'none (add a vars: section)'}",
+                )
+            return self.value(target)
+        if head in TOP_LEVEL and len(parts) == 1:
+            if head == "name":
+                return self.raw.get("name") and self.value("name") or self.default_name
+            return self.value(head)
+        if head == "data" and len(parts) == 2 and parts[1] in DATA_KEYS:
+            if hasattr(self, "data"):
+                return self.data[parts[1]]
+            return self.value(target)
+        raise self.fail(
+            key,
+            f"cannot interpolate ${{{target}}}; use ${{vars.NAME}}, ${{model}}, ${{seed}}, ${{name}}, "
+            "${data.dataset}, ${data.data_dir} or ${stages.STAGE.ref|name|out}",
+        )
+
+    def stage_field(self, key: str, parts: list[str], target: str) -> Any:
+        if len(parts) != 3 or parts[2] not in _STAGE_FIELDS:
+            raise self.fail(key, f"cannot interpolate ${{{target}}}; use ${{stages.STAGE.ref}}, .name or .out")
+        stage = self.stages.get(parts[1])
+        if stage is None:
+            problem = "comes later" if parts[1] in self.raw["stages"] else "does not exist"
+            raise self.fail(
+                key, f"${{{target}}}: stage {parts[1]!r} {problem}; earlier stages: {', '.join(self.stages) or 'none'}"
+            )
+        if self.current_deps is not None and stage.name not in self.current_deps:
+            self.current_deps.append(stage.name)
+        field_name = parts[2]
+        if field_name == "ref":
+            return stage.output_ref
+        if field_name == "name":
+            return stage.artifact or stage.name
+        if field_name == "hash":
+            return stage.hash
+        return stage.options.get("out")
+
+    # ---------------------------------------------------------------- stages
+    def stage(self, name: str, body: dict) -> Stage:
+        base = f"stages.{name}"
+        kind = body.get("type")
+        if kind is None:
+            raise self.fail(f"{base}.type", f"missing; expected one of {', '.join(STAGE_TYPES)}")
+        if kind not in STAGE_TYPES:
+            raise self.fail(
+                f"{base}.type", f"unknown stage type {kind!r}{_did_you_mean(str(kind), STAGE_TYPES)}; "
+                f"expected one of {', '.join(STAGE_TYPES)}"
+            )
+        stype = STAGE_TYPES[kind]
+        self.current_deps = []
+        options: dict[str, Any] = {}
+        for key in body:
+            if key == "type":
+                continue
+            if key in stype.managed:
+                raise self.fail(f"{base}.{key}", f"is set by the runner (spkprune run resumes and formats by itself); remove it")
+            if key not in stype.options:
+                raise self.fail(
+                    f"{base}.{key}",
+                    f"unknown option for stage type {kind}{_did_you_mean(key, stype.options)}; "
+                    f"expected one of {', '.join(stype.options)}",
+                )
+            options[key] = self.typed(f"{base}.{key}", stype.options[key], self.value(f"{base}.{key}"))
+        stage = Stage(name=name, type=stype, options={})
+        self.fill_defaults(stage, options)
+        stage.options = options
+        self.link_inputs(stage)
+        stage.deps = self.current_deps
+        self.current_deps = None
+        stage.hash = stage_hash(stage, self.stages)
+        stage.output_ref = self.output_ref(stage)
+        return stage
+
+    def fill_defaults(self, stage: Stage, options: dict) -> None:
+        base = f"stages.{stage.name}"
+        top = {"model": self.top["model"], "seed": self.top["seed"], **{f"data.{k}": v for k, v in self.data.items()}}
+        for option, source in stage.type.inherits.items():
+            blocker = stage.type.inherit_unless.get(option)
+            if blocker and options.get(blocker) is not None:
+                continue
+            if options.get(option) is None and top.get(source) is not None:
+                options[option] = top[source]
+        if "name" in stage.type.options:
+            options["name"] = options.get("name") or f"{self.top['name']}-{stage.name}"
+            if not _NAME_RE.match(options["name"]):
+                raise self.fail(f"{base}.name", f"invalid artifact name {options['name']!r}; use letters, digits and . _ + -")
+            stage.artifact = options["name"]
+        if stage.type.output == "folder":
+            options["out"] = options.get("out") or str(Path("exports") / f"{self.top['name']}-{stage.name}")
+        if stage.type.name == "train":
+            if options.get("arch") is None:
+                raise self.fail(f"{base}.arch", "missing; set the recipe's `model` or the stage's `arch` (a preset name)")
+            self.check_model(f"{base}.arch", options["arch"])
+        for option in ("dataset",):
+            if options.get(option) is not None:
+                self.check_dataset(f"{base}.{option}", options[option])
+        for option, opt in stage.type.options.items():
+            if opt.required and options.get(option) is None:
+                raise self.fail(f"{base}.{option}", f"missing; expected {opt.expected()}")
+        if stage.type.positional and options.get(stage.type.positional) is None:
+            raise self.fail(
+                f"{base}.{stage.type.positional}",
+                f"missing; expected the stage this one reads (one of {', '.join(self.stages) or 'no earlier stage'})",
+            )
+
+    def link_inputs(self, stage: Stage) -> None:
+        for option, opt in stage.type.options.items():
+            value = stage.options.get(option)
+            if opt.kind != "ref" or value is None:
+                continue
+            target = self.parse_ref(f"stages.{stage.name}.{option}", value, stage)
+            stage.inputs[option] = target
+            if target.stage is not None:
+                if target.stage not in self.current_deps:
+                    self.current_deps.append(target.stage)
+                stage.options[option] = self.concrete_ref(target)
+
+    def parse_ref(self, key: str, value: str, stage: Stage) -> StageInput:
+        for upstream in self.stages.values():  # `${stages.X.ref}` interpolated: map it back to its stage
+            if upstream.output_ref == value and upstream.type.output != "none":
+                return StageInput(stage=upstream.name)
+        head, sep, tag = value.partition("@")
+        owner = self.stage_of(head)
+        if owner is not None:
+            upstream = self.stages[owner]
+            if sep and upstream.type.output not in ("checkpoint", "rounds"):
+                raise self.fail(key, f"{value!r}: a {upstream.type.name} stage has no tags; write {owner}")
+            if upstream.output_ref is None:
+                raise self.fail(key, f"{value!r}: a {upstream.type.name} stage produces no model to read")
+            return StageInput(stage=owner, tag=tag if sep else None)
+        if head in self.raw["stages"]:
+            problem = "is this stage itself" if head == stage.name else "comes later in the recipe"
+            raise self.fail(key, f"{value!r}: stage {head!r} {problem}; a stage can only read earlier stages")
+        if _looks_external(value) or (stage.type.name == "flops" and self.is_preset(value)):
+            return StageInput(external=value)
+        earlier = ", ".join(self.stages) or "none"
+        raise self.fail(
+            key,
+            f"{value!r} is not an earlier stage{_did_you_mean(head, self.stages)} (earlier stages: {earlier}); "
+            "write NAME@TAG for a store reference, a path, or hf://ORG/REPO",
+        )
+
+    def stage_of(self, head: str) -> str | None:
+        """The earlier stage a reference head names: by stage name, or by the artifact name it writes."""
+        if head in self.stages:
+            return head
+        for stage in self.stages.values():
+            if stage.artifact == head:
+                return stage.name
+        return None
+
+    @staticmethod
+    def is_preset(value: str) -> bool:
+        from spkprune.models import list_models
+
+        return value in list_models()
+
+    def concrete_ref(self, target: StageInput) -> str:
+        upstream = self.stages[target.stage]
+        if target.tag is not None:
+            return f"{upstream.artifact}@{target.tag}"
+        return upstream.output_ref
+
+    def output_ref(self, stage: Stage) -> str | None:
+        output = stage.type.output
+        if output == "checkpoint":
+            return f"{stage.artifact}@{DEFAULT_TAG}"
+        if output == "rounds":
+            return f"{stage.artifact}@{_default_tag(stage)}"
+        if output == "folder":
+            return stage.options["out"]
+        source = stage.type.positional and stage.options.get(stage.type.positional)
+        return source or None  # evaluate / flops: reading them means reading what they read
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def stage_hash(stage: Stage, earlier: dict[str, Stage]) -> str:
+    """A stage's identity: its type, its identity options, and the identities of the stages it reads.
+
+    Output names (`name`, `out`) are not part of it: renaming an artifact re-runs nothing upstream or downstream.
+    """
+    document = {
+        "type": stage.type.name,
+        "options": _identity_options(stage),
+        "inputs": {dep: earlier[dep].hash for dep in stage.deps},
+    }
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def _identity_options(stage: Stage) -> dict:
+    options: dict[str, Any] = {}
+    for key, value in stage.options.items():
+        opt = stage.type.options[key]
+        if not opt.identity or value is None:
+            continue
+        target = stage.inputs.get(key)
+        if target is not None and target.stage is not None:
+            value = {"stage": target.stage, "tag": target.tag}  # the upstream hash is in "inputs"
+        options[key] = value
+    return options
+
+
+def _plain_options(stage: Stage) -> dict:
+    return {key: value for key, value in stage.options.items() if value is not None}
+
+
+def _default_tag(stage: Stage) -> str:
+    if stage.type.output == "rounds":
+        return f"round-{stage.options['rounds']}"
+    return DEFAULT_TAG
+
+
+def _looks_external(value: str) -> bool:
+    return (
+        value.startswith(("hf://", "/", ".", "~"))
+        or "/" in value
+        or value.endswith(".safetensors")
+        or ("@" in value and not value.endswith("@"))
+    )
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    ) + ("" if isinstance(value, (dict, list)) or value is None else f" ({value!r})")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

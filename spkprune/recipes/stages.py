@@ -1,0 +1,104 @@
+"""Stage adapters: each stage type runs the agreed CLI command of its package, in this process.
+
+The CLI is the contract between the packages (../shared/CLI.md), so a stage's options are turned into exactly the
+argv a person would type (`argv_for`), and the command runs in-process through the Typer app with its own click
+context (no interpreter start-up, no re-import of torch). Its user errors propagate as SpkpruneError. Commands
+that can print JSON (`evaluate`, `flops report`, `imp`) are asked for it, and their stdout is parsed into the
+stage's results; everything else they print goes to stderr, so `spkprune run --format json` stays one document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spkprune.errors import SpkpruneError
+from spkprune.recipes.resolve import Stage
+from spkprune.recipes.schema import option_flag
+
+
+def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> list[str]:
+    """The command line (after `spkprune`) that runs `stage`."""
+    stype = stage.type
+    argv = list(stype.command)
+    if stype.positional:
+        argv.append(str(stage.options[stype.positional]))
+    for key, value in stage.options.items():
+        if key == stype.positional or value is None:
+            continue
+        argv.extend(_flag(option_flag(key), stype.options[key].kind, value))
+    if "format" in stype.managed:
+        argv.extend(["--format", "json"])
+    if "progress" in stype.managed and not sys.stderr.isatty():
+        argv.append("--no-progress")
+    if resume and "resume" in stype.managed:
+        argv.append("--resume")
+    if overwrite and "overwrite" in stype.managed:
+        argv.append("--overwrite")
+    return argv
+
+
+def _flag(flag: str, kind: str, value: Any) -> list[str]:
+    if kind == "bool":
+        return [flag] if value else []
+    if kind == "int_list":
+        return [flag, ",".join(str(v) for v in value)]
+    if kind == "str_list":
+        return [part for item in value for part in (flag, str(item))]
+    if isinstance(value, float):
+        return [flag, repr(value)]
+    return [flag, str(value)]
+
+
+def invoke(argv: list[str], store_dir: Path) -> str:
+    """Run one spkprune command in-process; returns what it printed on stdout (logs go to stderr)."""
+    command, args, prog = _command(argv)
+    captured = io.StringIO()
+    from spkprune.cli.app import CliState
+
+    with contextlib.redirect_stdout(captured):
+        try:
+            command.main(args=args, prog_name=prog, standalone_mode=False, obj=CliState(store_dir=Path(store_dir)))
+        except click.exceptions.Exit as done:
+            if done.exit_code not in (0, None):
+                raise SpkpruneError(f"`{prog} {' '.join(args)}` exited with code {done.exit_code}") from None
+        except click.ClickException as err:  # a usage error: the schema and the CLI disagree
+            raise SpkpruneError(f"`{prog} {' '.join(args)}`: {err.format_message()}") from None
+    return captured.getvalue()
+
+
+def _command(argv: list[str]) -> tuple[click.Command, list[str], str]:
+    import typer.main
+
+    from spkprune.cli import app
+
+    node: click.Command = typer.main.get_command(app)
+    path = ["spkprune"]
+    rest = list(argv)
+    while isinstance(node, click.Group) and rest:
+        sub = node.commands.get(rest[0])
+        if sub is None:
+            raise SpkpruneError(f"spkprune has no command {' '.join([*path[1:], rest[0]])!r}; this spkprune is incomplete")
+        node, path = sub, [*path, rest.pop(0)]
+    return node, rest, " ".join(path)
+
+
+def parse_json_output(text: str, what: str) -> Any:
+    """The one JSON document a `--format json` command printed."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.find("{")  # tolerate a stray line before the document
+        try:
+            return json.loads(text[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            raise SpkpruneError(f"{what} printed something other than one JSON document on stdout") from None
