@@ -1,0 +1,106 @@
+"""Where the report's model and data come from: a preset or any checkpoint reference, and a data set that fits."""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import torch.nn as nn
+
+from spkprune.errors import SpkpruneError
+
+
+def parse_keep(text: str | None) -> float | list[float] | None:
+    """`"0.7"` -> 0.7 (cumulative rho, rho^2, ...), `"0.9,0.7,0.5"` -> one cumulative ratio per location."""
+    if text is None or text == "":
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        ratios = [float(p) for p in parts]
+    except ValueError:
+        raise SpkpruneError(f"--keep {text!r} is not a number or a comma-separated list of numbers, e.g. 0.7") from None
+    for ratio in ratios:
+        if not 0 < ratio <= 1:
+            raise SpkpruneError(f"keep ratio {ratio:g} must lie in (0, 1]; e.g. --keep 0.7")
+    return ratios[0] if len(ratios) == 1 else ratios
+
+
+def open_store_if_any(store_dir: str | Path | None):
+    """The store at `store_dir`, or None when there is none (a preset or a file needs no store)."""
+    from spkprune.store import Store
+
+    if store_dir is None or not Path(store_dir).is_dir():
+        return None
+    try:
+        return Store.open(store_dir, create=False)
+    except SpkpruneError:
+        return None
+
+
+def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
+    """(model, masks, source kind "preset" | "checkpoint") for a preset name or a checkpoint reference."""
+    from spkprune.models import create_model, list_models
+
+    presets = list_models()
+    if ref in presets:
+        return create_model(ref), {}, "preset"
+    from spkprune.checkpoint import build_model, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(ref, store)
+    except SpkpruneError as err:
+        if "/" in ref or ref.endswith(".safetensors"):
+            raise
+        close = difflib.get_close_matches(ref, presets, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
+        raise SpkpruneError(f"{ref!r} is neither a preset ({hint}) nor a checkpoint: {err}") from None
+    return build_model(ckpt), dict(ckpt.masks), "checkpoint"
+
+
+def is_stored(ref: str, store) -> bool:
+    """True when `ref` names an artifact of `store` (the report can then be saved with it)."""
+    from spkprune.store import is_store_ref, parse_ref
+
+    if store is None or "/" in ref or not is_store_ref(ref):
+        return False
+    return store.exists(*parse_ref(ref))
+
+
+def check_dataset_fits(model: nn.Module, name: str) -> None:
+    """One clear error when data set `name` cannot feed `model` (channels, size, images vs events)."""
+    from spkprune.data import dataset_info, list_datasets
+
+    cfg = model.config
+    wants_events = cfg.variant == "dvs"
+
+    def fits(info) -> bool:
+        return (info.in_channels, info.img_size, info.is_event) == (cfg.in_channels, cfg.img_size, wants_events)
+
+    info = dataset_info(name)
+    if fits(info):
+        return
+    fitting = [n for n in list_datasets() if fits(dataset_info(n))]
+    kind = "event frames" if info.is_event else "images"
+    expected = f"{'event frames' if wants_events else 'images'} {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}"
+    hint = f"use --dataset {' or '.join(fitting)}" if fitting else "no supported data set fits it"
+    raise SpkpruneError(
+        f"dataset {name} ({kind} {info.in_channels}x{info.img_size}x{info.img_size}) does not fit {model.name}, "
+        f"which expects {expected}; {hint}"
+    )
+
+
+def dataset_batches(
+    model: nn.Module, name: str, data_dir: str | Path | None, batches: int, batch_size: int
+) -> Iterator:
+    """The first `batches` test batches of data set `name`, checked against the model first."""
+    from spkprune.data import dataset_info, get_dataset, make_loader
+
+    if batches < 1 or batch_size < 1:
+        raise SpkpruneError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
+    check_dataset_fits(model, name)
+    info = dataset_info(name)
+    timesteps = model.config.timesteps if info.is_event else None
+    dataset = get_dataset(name, "test", data_dir=data_dir, timesteps=timesteps)
+    return itertools.islice(make_loader(dataset, batch_size, train=False), batches)
