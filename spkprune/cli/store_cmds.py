@@ -83,6 +83,9 @@ def ls_command(
         store.resolve(name)  # raises, naming what the store holds
     rows = [artifact_row(a) for a in arts]
     columns = ["ref", "kind", "arch", "parent", "sparsity", "top1", "size", "created"]
+    if fmt == "json":  # written directly: pandas' JSON rounds floats to 10 digits
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
     if fmt == "table":
         if not rows:
             stderr.print(f"store {store_dir(ctx)} holds no checkpoints yet (spkprune train / spkprune import)")
