@@ -252,6 +252,8 @@ class _Resolver:
             raise self.fail("name", f"expected letters, digits and . _ + - (it prefixes artifact names), got {name!r}")
         top["name"] = name
         self.top = top
+        if top["model"] is not None:
+            self.check_model("model", top["model"])
         variables = self.section("vars")
         resolved_vars = {key: self.value(f"vars.{key}") for key in variables}
         data = self.section("data")

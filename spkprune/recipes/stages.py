@@ -29,7 +29,8 @@ def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> 
     argv = list(stype.command)
     if stype.positional:
         argv.append(str(stage.options[stype.positional]))
-    for key, value in stage.options.items():
+    for key in stype.options:  # schema order: the same argv whatever the recipe's key order
+        value = stage.options.get(key)
         if key == stype.positional or value is None:
             continue
         argv.extend(_flag(option_flag(key), stype.options[key].kind, value))
