@@ -261,3 +261,106 @@ def test_learned_training_forward_keeps_the_dense_values_of_kept_tokens():
     for selector in selectors_of(model).values():
         selector.register_forward_hook(lambda _m, inputs, _out: (inputs[0], next(replay)))
     assert torch.equal(model(images), gated)
+
+
+# ---- the selection loss and fine-tuning ---------------------------------------------------------------------------
+
+
+def test_selection_loss_is_ce_plus_ratio_mse_over_selectors_plus_kl():
+    from spkprune.selection import SelectionLoss, distillation_loss, keep_ratio_loss
+
+    model = digits_model("learned")
+    decisions = {1: [[1, 1, 1, 0], [1, 0, 0, 0]], 2: [[1, 1, 0, 0], [0, 0, 0, 0]], 3: [[1, 0, 0, 0], [1, 0, 0, 0]]}
+    for loc, selector in selectors_of(model).items():
+        selector.last_decision = torch.tensor(decisions[loc], dtype=torch.float32, requires_grad=True)
+    # (0.75-0.7)^2, (0.25-0.7)^2 | (0.5-0.49)^2, (0-0.49)^2 | (0.25-0.343)^2 twice; each averaged over images.
+    expected = ((0.05**2 + 0.45**2) / 2 + (0.01**2 + 0.49**2) / 2 + 0.093**2) / 3
+    assert keep_ratio_loss(model).item() == pytest.approx(expected, rel=1e-5)
+
+    student = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+    p_t, log_p_s = teacher.softmax(-1), student.log_softmax(-1)
+    manual_kl = (p_t * (p_t.log() - log_p_s)).sum() / 2
+    assert distillation_loss(student, teacher).item() == pytest.approx(manual_kl.item(), rel=1e-6)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return teacher
+
+    loss_fn = SelectionLoss(Fixed(), label_smoothing=0.1)
+    targets = torch.tensor([0, 1])
+    total = loss_fn(model, torch.zeros(2, 1, 8, 8), targets, student)
+    ce = torch.nn.functional.cross_entropy(student, targets, label_smoothing=0.1)
+    assert total.item() == pytest.approx(ce.item() + 2.0 * expected + 0.5 * manual_kl.item(), rel=1e-5)
+    assert loss_fn.last == pytest.approx({"ce": ce.item(), "ratio": expected, "distill": manual_kl.item()}, rel=1e-5)
+
+
+def tiny_ticket():
+    """A small digits model (16 channels, T=2) stored as a lottery ticket: half of every block weight pruned."""
+    from spkprune.checkpoint import Checkpoint
+    from spkprune.training import TrainConfig
+
+    torch.manual_seed(0)
+    model = create_model("spikformer-2-64-digits", embed_dim=16, num_heads=2, timesteps=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {}
+    for key in model.prunable_weights():
+        if key.startswith("block."):
+            masks[key] = torch.rand(state[key].shape) > 0.5
+            state[key] = state[key] * masks[key]
+    train = TrainConfig.for_dataset("digits", batch_size=32, eval_batch_size=512, seed=3).to_dict()
+    meta = {"arch": "spikformer-2-64-digits", "config": model.config.to_dict(), "selector": None, "train": train}
+    return Checkpoint(state, masks, meta, ref="ticket@round-1")
+
+
+def test_fine_tuning_a_ticket_keeps_its_masks_and_stores_the_selector():
+    from torch.utils.data import Subset
+
+    from spkprune.checkpoint import build_model, from_tensors, to_tensors
+    from spkprune.data import get_dataset
+    from spkprune.selection import SelectionConfig, select_tokens
+
+    source = tiny_ticket()
+    train = Subset(get_dataset("digits", "train"), range(96))
+    test = Subset(get_dataset("digits", "test"), range(64))
+    result = select_tokens(source, SelectionConfig(keep=0.5, scorer="learned"), epochs=1, train_data=train,
+                           test_data=test, progress=False)
+    ckpt = result.checkpoint
+    assert ckpt.meta["selector"] == {"locations": [1], "keep": [0.5], "scorer": "learned"}
+    assert ckpt.meta["selection"]["teacher"] == "ticket@round-1"
+    assert ckpt.meta["selection"]["ratio_weight"] == 2.0 and ckpt.meta["selection"]["distill_weight"] == 0.5
+    assert ckpt.meta["metrics"]["tokens_per_block"] == [16, 8] == result.tokens_per_block
+    assert ckpt.meta["train"]["epochs"] == 1 and ckpt.meta["train"]["lr"] == pytest.approx(5e-3 * 0.2)
+    assert len(result.history) == 1 and ckpt.meta["metrics"]["samples"] == 64
+    # The masks are carried over unchanged and the pruned weights are still exactly zero; the rest trained.
+    assert sorted(ckpt.masks) == sorted(source.masks)
+    for key, mask in source.masks.items():
+        assert torch.equal(ckpt.masks[key], mask)
+        assert not ckpt.state_dict[key][~mask].any()
+    changed = [k for k in source.masks if not torch.equal(ckpt.state_dict[k], source.state_dict[k])]
+    assert len(changed) == len(source.masks)
+    assert {k for k in ckpt.state_dict if k.startswith("token_selectors.")} == {
+        f"token_selectors.1.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    }
+    # The stored blob rebuilds the same model (selector attached before strict loading) with the same logits.
+    rebuilt = build_model(from_tensors(*to_tensors(ckpt), ref=None)).eval()
+    images = torch.stack([test[i][0] for i in range(16)])
+    assert torch.equal(rebuilt(images), result.model.cpu().eval()(images))
+
+
+def test_training_free_scorers_evaluate_without_fine_tuning():
+    from torch.utils.data import Subset
+
+    from spkprune.data import get_dataset
+    from spkprune.selection import SelectionConfig, select_tokens
+
+    source = tiny_ticket()
+    test = Subset(get_dataset("digits", "test"), range(64))
+    result = select_tokens(source, SelectionConfig(keep=1.0, scorer="firing-rate"), epochs=0, test_data=test,
+                           progress=False)
+    # Keeping every token is the teacher itself, to the last bit.
+    assert result.metrics["top1"] == result.teacher_metrics["top1"]
+    assert result.metrics["loss"] == pytest.approx(result.teacher_metrics["loss"], abs=1e-6)
+    assert result.history == [] and result.checkpoint.meta["selection"]["epochs"] == 0
+    with pytest.raises(SpkpruneError, match="must be trained"):
+        select_tokens(source, SelectionConfig(scorer="learned"), epochs=0, test_data=test, progress=False)

@@ -1,0 +1,203 @@
+"""`select_tokens`: attach token selectors to a checkpoint and fine-tune it with the selection loss.
+
+The student starts from the checkpoint (a dense model or a lottery ticket: its masks are enforced by `fit`, so pruned
+weights stay exactly zero; the selector's own weights are never pruned). The teacher is the same checkpoint without
+selectors unless another one is given. Every scorer gets the same fine-tuning budget by default, so that the random
+control of the paper's Table 3 is a fair comparison; `epochs=0` evaluates the training-free scorers as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spkprune.checkpoint import Checkpoint, build_model
+from spkprune.errors import SpkpruneError
+from spkprune.models.selector import (
+    SCORERS,
+    attach_selectors,
+    detach_selectors,
+    selector_config,
+    selectors_of,
+    tokens_per_block,
+)
+from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT, SelectionLoss
+
+# Fine-tuning starts from a trained model: a shorter run at a lower peak learning rate than training from scratch.
+FINETUNE_EPOCHS = 10
+FINETUNE_LR_FACTOR = 0.2
+FINETUNE_WARMUP_EPOCHS = 1
+
+
+@dataclass
+class SelectionConfig:
+    """What to attach and how to weigh the loss. `keep` is one ratio rho (cumulative rho, rho^2, ... per location)
+    or one cumulative ratio per location; `locations` defaults to every block but the first."""
+
+    keep: float | list[float] = 0.7
+    locations: list[int] | None = None
+    scorer: str = "learned"
+    ratio_weight: float = RATIO_WEIGHT
+    distill_weight: float = DISTILL_WEIGHT
+
+    def validate(self) -> "SelectionConfig":
+        if self.scorer not in SCORERS:
+            raise SpkpruneError(f"unknown --scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        for name in ("ratio_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise SpkpruneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        return self
+
+    def selector(self) -> dict:
+        config = {"keep": self.keep, "scorer": self.scorer}
+        if self.locations:
+            config["locations"] = list(self.locations)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SelectionResult:
+    checkpoint: Checkpoint
+    model: nn.Module
+    metrics: dict  # the student's evaluate() metrics (top1, top5, loss, samples)
+    teacher_metrics: dict | None
+    tokens_per_block: list[int]
+    history: list[dict] = field(default_factory=list)
+
+
+def finetune_config(source: Checkpoint, epochs: int | None = None, **overrides):
+    """The fine-tuning `TrainConfig`: the checkpoint's own training recipe (or the data set's default) with
+    `epochs` (default 10), 1 warm-up epoch and a peak learning rate of 0.2 x the recipe's, then `overrides`."""
+    from spkprune.training import TrainConfig
+
+    train = source.meta.get("train")
+    dataset = overrides.get("dataset") or (train or {}).get("dataset") or (source.meta.get("config") or {}).get("dataset")
+    if not dataset:
+        raise SpkpruneError(f"{source.ref or 'the checkpoint'} records no data set; pass --dataset")
+    if train and train.get("dataset") == dataset:
+        base = TrainConfig.from_dict(train)
+    else:
+        base = TrainConfig.for_dataset(dataset)
+    epochs = FINETUNE_EPOCHS if epochs is None else epochs
+    if epochs < 0:
+        raise SpkpruneError(f"--epochs must be >= 0, got {epochs}")
+    changes = dict(
+        epochs=max(epochs, 1),
+        cooldown_epochs=0,
+        warmup_epochs=min(FINETUNE_WARMUP_EPOCHS, max(epochs, 1)),
+        lr=base.lr * FINETUNE_LR_FACTOR,
+        mixup_off_epoch=None if base.mixup_off_epoch is None else min(base.mixup_off_epoch, max(epochs, 1)),
+    )
+    changes.update({k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(base, **changes).validate()
+
+
+def teacher_model(source: Checkpoint, teacher: Checkpoint | None = None) -> nn.Module:
+    """The frozen teacher: `teacher` if given, else the source checkpoint with any token selector removed."""
+    model = build_model(teacher if teacher is not None else source)
+    return detach_selectors(model).eval().requires_grad_(False)
+
+
+def select_tokens(
+    source: Checkpoint,
+    selection: SelectionConfig,
+    *,
+    epochs: int | None = None,
+    teacher: Checkpoint | None = None,
+    train_overrides: dict | None = None,
+    progress: bool = True,
+    train_data=None,
+    test_data=None,
+    device: str | torch.device | None = None,
+) -> SelectionResult:
+    """Attach selectors to `source`, fine-tune (unless `epochs == 0`) and evaluate teacher and student.
+
+    The returned checkpoint holds the student's weights (with `token_selectors.*`), the source's masks unchanged, and
+    `meta` with `selector`, `selection` (loss weights, teacher, teacher metrics, tokens per block), `train` and
+    `metrics`; saving it (and its `parent`) is the caller's job.
+    """
+    from spkprune.data import get_dataset
+    from spkprune.training import evaluate, fit
+    from spkprune.training.state import seed_everything
+
+    selection.validate()
+    cfg = finetune_config(source, epochs, **(train_overrides or {}))
+    epochs = FINETUNE_EPOCHS if epochs is None else epochs
+    if epochs == 0 and selection.scorer == "learned":
+        raise SpkpruneError("a learned selector must be trained: pass --epochs 1 or more, or use --scorer firing-rate")
+    seed_everything(cfg.seed)
+    model = attach_selectors(detach_selectors(build_model(source)), selection.selector())
+    teacher_net = teacher_model(source, teacher)
+    if test_data is None:
+        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=model.config.timesteps)
+    history: list[dict] = []
+    if epochs > 0:
+        loss = SelectionLoss(teacher_net, cfg.label_smoothing, selection.ratio_weight, selection.distill_weight)
+        from spkprune.training import TrainHooks
+
+        result = fit(
+            model, cfg, masks=source.masks, hooks=TrainHooks(loss_fn=loss), progress=progress,
+            train_data=train_data, test_data=test_data, device=device,
+        )
+        history = result.history
+    seed_everything(cfg.seed)  # the random scorer's evaluation draws from torch's generator
+    metrics = evaluate(model, test_data, cfg.eval_batch_size, record_firing=False, device=device, amp=cfg.amp)
+    teacher_metrics = evaluate(teacher_net, test_data, cfg.eval_batch_size, record_firing=False, device=device,
+                               amp=cfg.amp)
+    checkpoint = _result_checkpoint(source, model, selection, cfg, metrics, teacher_metrics, teacher, epochs)
+    return SelectionResult(checkpoint, model, metrics, teacher_metrics, tokens_per_block(model), history)
+
+
+def _result_checkpoint(source, model, selection, cfg, metrics, teacher_metrics, teacher, epochs) -> Checkpoint:
+    counts = tokens_per_block(model)
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _check_masks_intact(state_dict, source.masks)
+    meta = {
+        key: source.meta[key] for key in ("arch", "config", "sparsity") if key in source.meta
+    }
+    meta.update(
+        selector=selector_config(model),
+        selection={
+            **selection.to_dict(),
+            "epochs": epochs,
+            "teacher": teacher.ref if teacher is not None else source.ref,
+            "teacher_metrics": _short(teacher_metrics),
+            "tokens_per_block": counts,
+        },
+        train=cfg.to_dict(),
+        seed=cfg.seed,
+        metrics={**_short(metrics), "tokens_per_block": counts},
+    )
+    return Checkpoint(state_dict, dict(source.masks), meta)
+
+
+def _short(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("top1", "top5", "loss", "samples") if k in metrics}
+
+
+def _check_masks_intact(state_dict: dict, masks: dict) -> None:
+    for key, mask in masks.items():
+        if bool(state_dict[key][~mask.bool()].any()):
+            raise RuntimeError(f"pruned weights of {key} are no longer zero after fine-tuning")  # a bug, not user error
+
+
+def kept_summary(model: nn.Module) -> list[dict]:
+    """One row per block: tokens it sees at inference and the fraction of the original tokens."""
+    counts = tokens_per_block(model)
+    selectors = selectors_of(model)
+    return [
+        {
+            "block": block,
+            "selector": block in selectors,
+            "keep_ratio": selectors[block].keep_ratio if block in selectors else None,
+            "tokens": count,
+            "fraction": count / model.num_tokens,
+        }
+        for block, count in enumerate(counts)
+    ]
