@@ -1,0 +1,38 @@
+"""What each supported data set is: classes, input shape, whether it is event frames, and its default preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spkprune.errors import SpkpruneError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    img_size: int
+    is_event: bool
+    default_preset: str
+    default_timesteps: int
+
+
+_INFO = {
+    "digits": DatasetInfo("digits", 10, 1, 8, False, "spikformer-2-64-digits", 4),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, False, "spikformer-4-384-cifar10", 4),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, False, "spikformer-4-384-cifar100", 4),
+    "cifar10-dvs": DatasetInfo("cifar10-dvs", 10, 2, 128, True, "spikformer-2-256-cifar10dvs", 16),
+    "dvs128-gesture": DatasetInfo("dvs128-gesture", 11, 2, 128, True, "spikformer-2-256-dvs128", 16),
+}
+
+
+def list_datasets() -> list[str]:
+    return list(_INFO)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return _INFO[name]
+    except KeyError:
+        raise SpkpruneError(f"unknown dataset {name!r}; choose one of {', '.join(_INFO)}") from None
