@@ -309,8 +309,7 @@ def test_writer_killed_mid_save_leaves_every_finished_artifact_intact(tmp_path: 
 
 
 def test_two_concurrent_writers_lose_nothing(tmp_path: Path):
-    root = tmp_path / "store"
-    Store.open(root)
+    root = tmp_path / "store"  # not created yet: both writers race to create it, too
     count = 15
     procs = [start_writer(tmp_path, root, prefix, count, numel=20_000) for prefix in ("left", "right")]
     outputs = [p.communicate(timeout=120) for p in procs]

@@ -102,21 +102,21 @@ class Store:
         if root.exists() and not root.is_dir():
             raise SpkpruneError(f"store path {root} is a file, not a store directory; pass --store DIR")
         store = cls(root)
-        if store.index_path.is_file():
-            store._check_or_init()
-        elif root.is_dir() and any(root.iterdir()):
-            raise SpkpruneError(
-                f"{root} exists and is not a spkprune store (no {INDEX_FILE}); "
-                "pass --store with a new or empty directory"
-            )
-        elif not create:
-            raise SpkpruneError(f"no store at {root}; train or import a model first, or pass --store DIR")
-        else:
+        if not store.index_path.is_file():
+            # Re-checked last: a process creating the store at the same moment writes index.sqlite first.
+            if root.is_dir() and any(root.iterdir()) and not store.index_path.is_file():
+                raise SpkpruneError(
+                    f"{root} exists and is not a spkprune store (no {INDEX_FILE}); "
+                    "pass --store with a new or empty directory"
+                )
+            if not create:
+                raise SpkpruneError(f"no store at {root}; train or import a model first, or pass --store DIR")
             root.mkdir(parents=True, exist_ok=True)
-            store._check_or_init()  # creates index.sqlite first, so a racing opener sees a store, not a stray dir
+            store._check_or_init()  # creates index.sqlite before anything else in the directory
             fs.fsync_dir(root)
-            if root.parent.exists():
-                fs.fsync_dir(root.parent)
+            fs.fsync_dir(root.parent)
+        else:
+            store._check_or_init()
         (root / BLOB_DIR).mkdir(exist_ok=True)
         (root / TMP_DIR).mkdir(exist_ok=True)
         store.clean_tmp()
