@@ -14,7 +14,8 @@ from spkprune.errors import SpkpruneError
 
 FORMATS = ("table", "json", "csv", "md")
 
-stdout = Console()
+# Wide enough that refs and layer names are not cut when stdout is a pipe or a file.
+stdout = Console(width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True)
 
 
@@ -38,7 +39,7 @@ def render_frame(df: pd.DataFrame, fmt: str = "table", title: str | None = None,
     """
     check_format(fmt)
     if fmt == "json":
-        doc: Any = json.loads(df.to_json(orient="records"))
+        doc: Any = json.loads(df.to_json(orient="records", double_precision=15))
         if extra is not None:
             doc = {"rows": doc, **extra}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -52,7 +53,7 @@ def render_frame(df: pd.DataFrame, fmt: str = "table", title: str | None = None,
         table = Table(title=title, show_lines=False)
         for col in df.columns:
             numeric = pd.api.types.is_numeric_dtype(df[col])
-            table.add_column(str(col), justify="right" if numeric else "left")
+            table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
         for row in df.itertuples(index=False):
             table.add_row(*(_cell(v) for v in row))
         stdout.print(table)
