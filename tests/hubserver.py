@@ -50,6 +50,9 @@ class Request:
 class HubServer:
     """`with HubServer(token="hf_test") as hub:` then point HF_ENDPOINT at `hub.url`."""
 
+    # huggingface_hub fetches this registry (without a token) to describe its caller in the user agent
+    PUBLIC_PATHS = {"/api/agent-harnesses": {"standardEnvVars": [], "harnesses": {}}}
+
     def __init__(self, token: str) -> None:
         self.token = token
         self.repos: dict[str, Repo] = {}
@@ -172,6 +175,9 @@ def _handler_for(hub: HubServer):
             auth = self.headers.get("authorization")
             with hub._lock:
                 hub.requests.append(Request(method, path, auth, body))
+                if path in hub.PUBLIC_PATHS:
+                    self._reply(method, 200, hub.PUBLIC_PATHS[path], {})
+                    return
                 if auth != f"Bearer {hub.token}":
                     self._reply(method, 401, {"error": "Invalid credentials in Authorization header"},
                                 {"X-Error-Message": "Invalid credentials in Authorization header"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +11,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file as save_numpy
 
 from spkprune.errors import SpkpruneError
 

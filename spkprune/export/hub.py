@@ -155,6 +155,9 @@ def describe_download_error(err: BaseException) -> str:
     if isinstance(err, RevisionNotFoundError):
         return "the revision does not exist on the Hub — check the branch, tag or commit after @"
     if isinstance(err, LocalEntryNotFoundError):
-        return ("not in the local cache and the Hub cannot be reached — connect (unset HF_HUB_OFFLINE) "
-                "to download it once")
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            return "not in the local cache and HF_HUB_OFFLINE is set — unset it to download it once"
+        return "not in the local cache and the Hub cannot be reached — check the network connection and HF_ENDPOINT"
     return describe_hub_error(err)
