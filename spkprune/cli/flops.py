@@ -39,12 +39,14 @@ def report(
 ) -> None:
     """Per-layer dense MACs (x T, the papers' convention), nonzero-weight MACs, and with --dataset SOPs and energy."""
     from spkprune.counting import attach_report, count_operations, rows_by_block
+    from spkprune.counting.report import check_whatif
     from spkprune.counting.sources import dataset_batches, is_stored, load_model, open_store_if_any, parse_keep
 
     check_format(fmt)
     if by not in ("layer", "block"):
         raise SpkpruneError(f"unknown --by {by!r}; choose layer or block")
     ratios = parse_keep(keep)
+    check_whatif(ratios, bool(dataset))
     store = open_store_if_any(store_dir(ctx))
     model, masks, source = load_model(ref, store)
     stored = is_stored(ref, store)

@@ -156,6 +156,15 @@ def _number(value: float) -> int | float:
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def check_whatif(keep, with_data: bool) -> None:
+    """A --keep what-if counts gathered tokens without data; measured runs count what the selectors really kept."""
+    if keep is not None and with_data:
+        raise SpkpruneError(
+            "--keep is a what-if without data; with --dataset the tokens the model's selectors keep are measured "
+            "(attach a selector with select-tokens, or drop --keep)"
+        )
+
+
 def count_operations(
     model: nn.Module,
     *,
@@ -182,11 +191,7 @@ def count_operations(
     for name, value in (("--e-mac", e_mac), ("--e-ac", e_ac)):
         if not value >= 0:
             raise SpkpruneError(f"{name} must be a non-negative energy in pJ, got {value}")
-    if keep is not None and batches is not None:
-        raise SpkpruneError(
-            "--keep is a what-if without data; with --dataset the tokens the model's selectors keep are measured "
-            "(attach a selector with select-tokens, or drop --keep)"
-        )
+    check_whatif(keep, batches is not None)
     structure = structure or trace_structure(model)
     density = weight_density(model, masks)
     ratios = None

@@ -96,7 +96,12 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     for tensor in list(model.parameters()) + list(model.buffers()):
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo).eval()
+    skeleton = copy.deepcopy(model, memo).eval()
+    for module in skeleton.modules():  # hooks that callers put on the real model must not see meta tensors
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):  # fmt: skip
+            getattr(module, hooks, {}).clear()
+    return skeleton
 
 
 def dummy_input(model: nn.Module, device: str | torch.device = "meta") -> torch.Tensor:
