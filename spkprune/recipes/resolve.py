@@ -33,6 +33,7 @@ from spkprune.store.refs import DEFAULT_TAG
 
 HASH_LENGTH = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")  # no dots: stage names are parts of key paths
 _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 _STAGE_FIELDS = ("ref", "name", "out", "hash")
 
@@ -152,10 +153,10 @@ def _normalise_stages(raw: dict, where: str) -> dict:
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{where}: stages: expected a non-empty mapping of named stages, got {_kind(stages)}")
     for name, body in stages.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name) or "@" in name:
+        if not isinstance(name, str) or not _STAGE_RE.match(name):
             raise RecipeError(
-                f"{where}: stages.{name}: invalid stage name; use letters, digits and . _ + - (starting with a "
-                "letter or digit)"
+                f"{where}: stages.{name}: invalid stage name; use letters, digits and _ + - (starting with a "
+                "letter or digit; no dots, they separate key paths)"
             )
         if not isinstance(body, dict):
             raise RecipeError(f"{where}: stages.{name}: expected a mapping of options with a `type`, got {_kind(body)}")

@@ -74,10 +74,12 @@ def decide(stage: Stage, entry: dict | None, store: Store, ran: set[str]) -> tup
 
 
 def missing_output(entry: dict, store: Store) -> str | None:
+    """The first recorded output that is gone. A checkpoint counts as there while it carries this stage's hash:
+    later stages may add metadata to it (flops reports), which changes its bytes but not what it is."""
     outputs = entry.get("outputs") or {}
-    for ref, sha in (outputs.get("refs") or {}).items():
+    for ref in outputs.get("refs") or {}:
         art = store.get(*parse_ref(ref))
-        if art is None or art.sha256 != sha:
+        if art is None or (art.meta.get("recipe_stage") or {}).get("hash") != entry.get("hash"):
             return ref
     folder = outputs.get("folder")
     if folder:
@@ -206,10 +208,15 @@ def _stamp_artifacts(recipe: Recipe, stage: Stage, store: Store) -> None:
 
     mark = {"recipe": recipe.name, "stage": stage.name, "hash": stage.hash,
             "file": str(recipe.path) if recipe.path else None}
+    update_meta = getattr(store, "update_meta", None)
     for art in store.list(stage.artifact):
         if art.kind != "checkpoint" or not _stamped_tag(art.tag):
             continue
         if art.meta.get("recipe_stage") == mark and art.meta.get("recipe") == recipe.resolved:
+            continue
+        if update_meta is not None:
+            update_meta(art.ref, "recipe", recipe.resolved)
+            update_meta(art.ref, "recipe_stage", mark)
             continue
         ckpt = load_artifact(store, art)
         ckpt.meta = {**ckpt.meta, "recipe": recipe.resolved, "recipe_stage": mark}
@@ -241,8 +248,20 @@ def collect_result(stage: Stage, store: Store, stdout: str) -> dict:
     """Accuracy, sparsity, tokens, counts, size and plots of a finished stage, from its JSON and the store."""
     kind = stage.type.name
     source = stage.options.get(stage.type.positional) if stage.type.positional else None
-    if kind in ("train", "select-tokens"):
+    if kind == "train":
         return artifact_result(store.resolve(stage.output_ref))
+    if kind == "select-tokens":
+        doc = adapters.parse_json_output(stdout, "spkprune select-tokens") or {}
+        result = artifact_result(store.resolve(stage.output_ref))
+        if isinstance(doc, dict):
+            result["top1"] = doc.get("student_top1", result["top1"])
+            rows = doc.get("rows") or []
+            if rows:
+                result["tokens"] = sum(row.get("fraction", 1.0) for row in rows) / len(rows)
+            pictures = (doc.get("analysis") or {}).get("pictures") or {}
+            if pictures:
+                result["plots"] = sorted(map(str, pictures.values()))
+        return result
     if kind == "imp":
         doc = adapters.parse_json_output(stdout, "spkprune imp") or {}
         final = store.resolve(doc.get("final") or stage.output_ref)

@@ -71,8 +71,8 @@ class StageType:
     output: str = "none"  # "checkpoint" (NAME@main), "rounds" (NAME@round-K), "folder" (out), "none"
 
 
-def _int(default=None, minimum=None, help=""):
-    return Opt("int", default, minimum=minimum, help=help)
+def _int(default=None, minimum=None, help="", identity=True):
+    return Opt("int", default, minimum=minimum, help=help, identity=identity)
 
 
 def _float(default=None, minimum=None, maximum=None, help=""):
@@ -129,18 +129,28 @@ STAGE_TYPES: dict[str, StageType] = {
     "select-tokens": StageType(
         name="select-tokens",
         command=("select-tokens",),
-        summary="attach the spiking token selector and fine-tune it (with distillation from `teacher`)",
+        summary="attach the spiking token selector and fine-tune it (CE + keep-ratio MSE + KL from `teacher`)",
         inherits={"seed": "seed"},
+        managed=("format", "overwrite"),
         output="checkpoint",
         options={
             "from": Opt("ref", help="the model that receives the selector"),
             "name": Opt("str", help="artifact name (default: RECIPE-STAGE)", identity=False),
-            "keep": _float(minimum=0, maximum=1, help="keep ratio rho per selector (cumulative rho^k)"),
-            "locations": Opt("int_list", help="block indices that get a selector (default: 1..depth-1)"),
+            "keep": _float(minimum=0, maximum=1, help="keep ratio rho (cumulative rho, rho^2, ... of the tokens)"),
+            "locations": Opt("int_list", help="blocks a selector sits before (default: all but the first)"),
             "scorer": Opt("choice", choices=("learned", "firing-rate", "random")),
-            "epochs": _int(minimum=0),
-            "teacher": Opt("ref", help="distillation teacher (default: the input model)"),
+            "epochs": _int(minimum=0, help="fine-tuning epochs (CLI default 10)"),
+            "lr": _float(minimum=0, help="peak learning rate (default: 0.2 x the checkpoint's training lr)"),
+            "batch_size": _int(minimum=1, help="training batch size (default: the checkpoint's)"),
+            "teacher": Opt("ref", help="frozen distillation teacher (default: the input model)"),
+            "ratio_weight": _float(minimum=0, help="weight of the keep-ratio MSE (CLI default 2.0)"),
+            "distill_weight": _float(minimum=0, help="weight of the KL distillation (CLI default 0.5)"),
+            "dataset": Opt("str", help="data set (default: the one the input was trained on)"),
+            "data_dir": Opt("path", help="where the data set lives"),
             "seed": _int(help="random seed (default: the recipe's seed)"),
+            "analyze": Opt("bool", identity=False, help="also write firing-rate and kept-token pictures (PNG)"),
+            "out": Opt("path", identity=False, help="folder for the analyze pictures"),
+            "samples": _int(minimum=1, identity=False, help="test images the analysis averages over"),
         },
     ),
     "evaluate": StageType(
@@ -168,7 +178,10 @@ STAGE_TYPES: dict[str, StageType] = {
             "dataset": Opt("str", help="measure firing rates on this data set, needed for SOPs and energy (default: "
                            "the recipe's data.dataset unless `keep` is set)"),
             "data_dir": Opt("path", help="where the data set lives (default: the recipe's data.data_dir)"),
-            "batches": _int(minimum=1, help="batches used to measure firing rates"),
+            "batches": _int(minimum=1, help="test batches to measure on (CLI default 4)"),
+            "batch_size": _int(minimum=1, help="images per batch (CLI default 32)"),
+            "e_mac": _float(minimum=0, help="energy per MAC in pJ (CLI default 4.6)"),
+            "e_ac": _float(minimum=0, help="energy per accumulate in pJ (CLI default 0.9)"),
         },
     ),
     "export": StageType(
