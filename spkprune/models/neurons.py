@@ -1,16 +1,26 @@
 """The spiking neuron used at every site of the Spikformer family.
 
 `LIF` is spikingjelly 2.0's multi-step `LIFNode` with the original Spikformer settings (tau 2.0, hard reset to 0,
-`detach_reset=True`, sigmoid surrogate with alpha 4, firing on `>=`). It differs from the plain node in two ways that
+`detach_reset=True`, sigmoid surrogate with alpha 4, firing on `>=`). It differs from the plain node in three ways that
 the rest of spkprune relies on:
 
 - every call processes a whole `[T, ...]` sequence from a membrane potential of 0, so a forward pass never depends on
   the previous one (the original code needed `reset_net` after every batch);
 - it can keep its last output (`record = True` -> `last_spikes`) so firing rates and spike maps can be read without
-  reaching into the model.
+  reaching into the model;
+- it has two numerically equal backends (`LIF.backend`, or per instance `site.backend`):
+
+  * `"spikingjelly"`: spikingjelly's own multi-step LIF operator, the plain reference;
+  * `"lean"` (default): `LeanLIF`, a custom autograd function that computes the same spikes bit for bit and the same
+    gradients (the same float operations in the same order as spikingjelly's CPU kernel), but keeps only the charged
+    potential H for the backward pass. spikingjelly's operator also keeps its input X and initial state for
+    higher-order gradients, so the lean neuron halves what each site holds between forward and backward, and its loops
+    work in place instead of allocating a list of per-step tensors.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from spikingjelly.activation_based import neuron
@@ -18,10 +28,118 @@ from spikingjelly.activation_based import neuron
 TAU = 2.0
 THRESHOLD = 1.0
 ATTN_THRESHOLD = 0.5
+SURROGATE_ALPHA = 4.0
+BACKENDS = ("spikingjelly", "lean")
+
+
+class LeanLIF(torch.autograd.Function):
+    """Multi-step LIF with hard reset to 0 and a detached reset, from V = 0.
+
+    Forward, per step: H = V + (X - V) / tau, S = (H >= V_th), V = H * (1 - S).
+    Backward (sigmoid surrogate, sg(u) = alpha * sigmoid(alpha u) * (1 - sigmoid(alpha u)), u = H - V_th):
+    dH_t = dS_t * sg(u_t) + c_{t+1} * (1 - S_t), dX_t = dH_t / tau, c_t = dH_t - dH_t / tau.
+    Everything the backward needs is a function of H, so H (float32) is the only tensor saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, tau: float, threshold: float, alpha: float) -> torch.Tensor:
+        x = x_seq.float()
+        h_seq = torch.empty_like(x, memory_format=torch.contiguous_format)
+        spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        v = torch.zeros_like(x[0])
+        for t in range(x.shape[0]):
+            h = h_seq[t]
+            torch.sub(x[t], v, out=h)  # spikingjelly: v + (x - (v - v_reset)) / tau, with v - 0.0 == v
+            h.div_(tau).add_(v)  # (x - v) / tau + v == v + (x - v) / tau: IEEE addition commutes
+            torch.ge(h, threshold, out=spikes[t])
+            v = h.masked_fill(spikes[t], 0.0)
+        ctx.save_for_backward(h_seq)
+        ctx.tau, ctx.threshold, ctx.alpha = tau, threshold, alpha
+        ctx.input_dtype = x_seq.dtype
+        out = spikes.to(x_seq.dtype)
+        if _SPIKE_REGISTRY is not None:
+            _register_spikes(out, spikes)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):
+        (h_seq,) = ctx.saved_tensors
+        tau, threshold, alpha = ctx.tau, ctx.threshold, ctx.alpha
+        # The same expression as spikingjelly's `_surrogate_gradient`, applied to all steps at once.
+        s = torch.sigmoid(alpha * (h_seq - threshold))
+        grad_h = (1 - s) * s * alpha
+        del s
+        grad_h.mul_(grad_spikes.float())  # dS * sg: multiplication commutes bit for bit
+        silent = h_seq < threshold  # 1 - S
+        carry = None
+        for t in range(h_seq.shape[0] - 1, -1, -1):
+            gh = grad_h[t]
+            if carry is not None:
+                gh.add_(carry * silent[t])
+            scaled = gh / tau
+            carry = gh - scaled
+            gh.copy_(scaled)  # grad_h now holds dX
+        return grad_h.to(ctx.input_dtype), None, None, None
+
+
+# ---- spike packing: tensors saved for backward that are views of lean spikes are kept as bool -------------------------
+# While `pack_spikes()` is active, every lean LIF output is registered with its bool twin; a saved-tensor hook then
+# replaces any saved tensor that is (a view of) such an output by the bool twin plus the view geometry, so a Linear,
+# Conv or matmul that keeps its spiking input for the weight gradient keeps 1 byte per element instead of 4.
+_SPIKE_REGISTRY: dict[int, tuple[weakref.ref, torch.Tensor]] | None = None
+
+
+def _register_spikes(out: torch.Tensor, as_bool: torch.Tensor) -> None:
+    key = id(out)
+    registry = _SPIKE_REGISTRY
+    registry[key] = (weakref.ref(out, lambda _ref: registry.pop(key, None)), as_bool)
+
+
+def _pack(t: torch.Tensor):
+    base = t if t._base is None else t._base
+    entry = _SPIKE_REGISTRY.get(id(base)) if _SPIKE_REGISTRY is not None else None
+    if entry is None or entry[0]() is not base or t.dtype != base.dtype:
+        return t
+    return (entry[1], t.dtype, t.shape, t.stride(), t.storage_offset())
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    as_bool, dtype, shape, stride, offset = packed
+    return as_bool.to(dtype).as_strided(shape, stride, offset)
+
+
+class pack_spikes:
+    """Context manager: inside it, spikes saved for the backward pass are stored as bool (exactly, spikes are 0/1)."""
+
+    def __enter__(self):
+        global _SPIKE_REGISTRY
+        self._previous = _SPIKE_REGISTRY
+        _SPIKE_REGISTRY = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        global _SPIKE_REGISTRY
+        self._hooks.__exit__(*exc)
+        _SPIKE_REGISTRY = self._previous
+        return False
+
+
+def lean_lif(x_seq: torch.Tensor, tau: float = TAU, threshold: float = THRESHOLD, alpha: float = SURROGATE_ALPHA):
+    """Spikes `[T, ...]` of a LIF (hard reset to 0, detached reset, sigmoid surrogate) driven by `x_seq`."""
+    return LeanLIF.apply(x_seq, float(tau), float(threshold), float(alpha))
 
 
 class LIF(neuron.LIFNode):
-    """Multi-step LIF neuron; input and output are `[T, ...]`."""
+    """Multi-step LIF neuron; input and output are `[T, ...]`.
+
+    `backend` is a class attribute (the default for every site) that an instance may override.
+    """
+
+    backend: str = "lean"
 
     def __init__(self, v_threshold: float = THRESHOLD, tau: float = TAU):
         super().__init__(tau=float(tau), v_threshold=float(v_threshold), v_reset=0.0, detach_reset=True, step_mode="m")
@@ -29,12 +147,20 @@ class LIF(neuron.LIFNode):
         self.last_spikes: torch.Tensor | None = None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        self.reset()
-        spikes = super().forward(x_seq)
-        self.reset()  # keep no membrane state between calls (and no reference to the graph)
+        if self.backend == "lean":
+            spikes = lean_lif(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
+        elif self.backend == "spikingjelly":
+            self.reset()
+            spikes = super().forward(x_seq)
+            self.reset()  # keep no membrane state between calls (and no reference to the graph)
+        else:
+            raise ValueError(f"unknown LIF backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.record:
             self.last_spikes = spikes.detach()
         return spikes
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend}"
 
 
 def lif_sites(module: torch.nn.Module) -> dict[str, LIF]:
