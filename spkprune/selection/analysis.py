@@ -166,8 +166,7 @@ def plot_token_rates(analysis: TokenAnalysis, path: str | Path, num_images: int 
         n + 1, cols, figsize=(1.9 * cols, 1.9 * n + 0.9), squeeze=False,
         gridspec_kw={"height_ratios": [1.0] * n + [0.07]},
     )
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
     for col, block in enumerate(blocks, start=1):
         vmax = float(np.nanmax(analysis.rates[block][:n].numpy())) or 1.0
         for row in range(n):
@@ -278,11 +277,11 @@ def write_analysis(analysis: TokenAnalysis, out_dir: str | Path, prefix: str = "
 def analysis_model(ckpt, selector: dict | None = None) -> nn.Module:
     """The model to analyse: the checkpoint's own selectors, or (for a dense checkpoint) `selector` attached as is,
     by default the training-free firing-rate scorer at keep 0.7. A learned scorer needs training first."""
-    from spkprune.checkpoint import build_model
     from spkprune.errors import SpkpruneError
     from spkprune.models.selector import attach_selectors
+    from spkprune.selection.finetune import build_selected_model
 
-    model = build_model(ckpt)
+    model = build_selected_model(ckpt)
     if len(model.token_selectors):
         return model
     selector = {"keep": 0.7, "scorer": "firing-rate", **(selector or {})}
