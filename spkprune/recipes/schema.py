@@ -29,6 +29,7 @@ class Opt:
     identity: bool = True  # part of the stage's identity hash (False for output locations and display options)
     minimum: float | None = None
     maximum: float | None = None
+    repeat: bool = False  # a list option given as a repeated flag (--exclude a --exclude b), not comma-joined
     pattern: str | None = None  # a regular expression a string value must match (for `rewind`)
 
     def __post_init__(self) -> None:
@@ -88,7 +89,7 @@ STAGE_TYPES: dict[str, StageType] = {
         summary="train a model from scratch (or from `init`), saving NAME@init, NAME@epoch-K and NAME@main",
         positional=None,
         inherits={"arch": "model", "dataset": "data.dataset", "data_dir": "data.data_dir", "seed": "seed"},
-        managed=("resume",),
+        managed=("resume", "format", "progress"),
         output="checkpoint",
         options={
             "arch": Opt("str", help="model preset (default: the recipe's `model`)"),
@@ -100,7 +101,11 @@ STAGE_TYPES: dict[str, StageType] = {
             "lr": _float(minimum=0),
             "timesteps": _int(minimum=1, help="simulation time steps T"),
             "seed": _int(help="random seed (default: the recipe's seed)"),
-            "init": Opt("ref", help="start from these weights instead of a random initialisation"),
+            "init": Opt("ref", help="start from these weights (and masks) instead of a fresh initialisation"),
+            "keep_epochs": Opt("int_list", help="epoch checkpoints kept for late rewinding (CLI default 1,2,3)"),
+            "save_iter": Opt("int_list", repeat=True, help="also save NAME@iter-K after optimiser step K (for rewind iter:K)"),
+            "limit_batches": _int(minimum=1, help="train on only this many batches per epoch (smoke tests)"),
+            "workers": _int(minimum=0, identity=False, help="DataLoader worker processes"),
         },
     ),
     "imp": StageType(
@@ -117,7 +122,7 @@ STAGE_TYPES: dict[str, StageType] = {
             "target": _float(minimum=0, maximum=1, help="sparsity of the eligible weights after round N (CLI: 0.9)"),
             "rate": _float(minimum=0, maximum=1, help="fraction of surviving weights pruned per round (instead of target)"),
             "scope": Opt("choice", choices=("global", "layerwise")),
-            "exclude": Opt("str_list", help="glob patterns of state_dict keys never pruned"),
+            "exclude": Opt("str_list", repeat=True, help="glob patterns of state_dict keys never pruned"),
             "rewind": Opt("str", pattern=r"^(init|epoch:\d+|iter:\d+)$", help="rewind point: init, epoch:K or iter:K"),
             "epochs_per_round": _int(minimum=1, help="retraining epochs per round (default: the dense run's)"),
             "control": Opt("choice", choices=("none", "random-reinit", "random-prune")),

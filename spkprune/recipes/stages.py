@@ -33,7 +33,7 @@ def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> 
         value = stage.options.get(key)
         if key == stype.positional or value is None:
             continue
-        argv.extend(_flag(option_flag(key), stype.options[key].kind, value))
+        argv.extend(_flag(option_flag(key), stype.options[key], value))
     if "format" in stype.managed:
         argv.extend(["--format", "json"])
     if "progress" in stype.managed and not sys.stderr.isatty():
@@ -45,13 +45,13 @@ def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> 
     return argv
 
 
-def _flag(flag: str, kind: str, value: Any) -> list[str]:
-    if kind == "bool":
+def _flag(flag: str, opt, value: Any) -> list[str]:
+    if opt.kind == "bool":
         return [flag] if value else []
-    if kind == "int_list":
+    if opt.kind in ("int_list", "str_list"):
+        if opt.repeat:
+            return [part for item in value for part in (flag, str(item))]
         return [flag, ",".join(str(v) for v in value)]
-    if kind == "str_list":
-        return [part for item in value for part in (flag, str(item))]
     if isinstance(value, float):
         return [flag, repr(value)]
     return [flag, str(value)]
