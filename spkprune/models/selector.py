@@ -60,7 +60,14 @@ class TokenSelector(nn.Module):
     tokens come back in their original order, `[T,B,K,C]`, with keep None.
     """
 
-    def __init__(self, dim: int, keep_ratio: float, scorer: str = DEFAULT_SCORER, num_tokens: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        keep_ratio: float,
+        scorer: str = DEFAULT_SCORER,
+        num_tokens: int | None = None,
+        initial_keep: float | None = None,
+    ):
         super().__init__()
         if scorer not in SCORERS:
             raise SpkpruneError(f"unknown token scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
@@ -80,6 +87,12 @@ class TokenSelector(nn.Module):
             for layer in (self.mlp[0], self.mlp[2]):
                 nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)  # timm's init, as the model's Linears
                 nn.init.zeros_(layer.bias)
+            if initial_keep is not None:
+                # Start sampling at the target rate instead of 1/2, so fine-tuning does not first spend its steps
+                # on the ratio term (the reference code starts at 1/2 and trains for hundreds of epochs).
+                p = min(max(float(initial_keep), 1e-3), 1 - 1e-3)
+                with torch.no_grad():
+                    self.mlp[2].bias.copy_(torch.tensor([math.log(p), math.log(1 - p)]))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}, mode={self.mode!r}"
@@ -251,8 +264,10 @@ def attach_selectors(model: nn.Module, config: dict) -> nn.Module:
     device = next(model.parameters()).device
     track = _Track()
     model.token_selectors.clear()
+    previous = 1.0
     for loc, ratio in zip(config["locations"], config["keep"]):
-        selector = TokenSelector(model.token_dim, ratio, config["scorer"], num_tokens=model.num_tokens)
+        selector = TokenSelector(model.token_dim, ratio, config["scorer"], model.num_tokens, ratio / previous)
+        previous = ratio
         selector.track = track
         model.token_selectors[str(loc)] = selector.to(device)
     return model
