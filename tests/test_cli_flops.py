@@ -128,6 +128,7 @@ def test_unknown_ref_in_a_store(ticket_store):
     assert "neither a preset" in line and "did you mean 'ticket'" in line
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: tens of seconds on a busy machine
 def test_cli_subprocess_exit_code(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "spkprune", "--store", str(tmp_path), "flops", "report", DIGITS, "--keep", "2"],
