@@ -168,6 +168,7 @@ STAGE_TYPES: dict[str, StageType] = {
             "from": Opt("ref", help="the model to evaluate"),
             "dataset": Opt("str", help=DATASETS_HELP + " (default: the recipe's data.dataset)"),
             "data_dir": Opt("path", help="where the data set lives (default: the recipe's data.data_dir)"),
+            "batch_size": _int(minimum=1, identity=False, help="evaluation batch size (CLI default 256)"),
         },
     ),
     "flops": StageType(
