@@ -19,20 +19,20 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    epochs: int = 30
+    epochs: int = 6
     cooldown_epochs: int = 0
-    batch_size: int = 64
+    batch_size: int = 32
     eval_batch_size: int = 256
     lr: float = 5e-3
     min_lr: float = 1e-5
-    warmup_epochs: int = 2
+    warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0
     mixup_prob: float = 1.0
     mixup_off_epoch: int | None = None
-    augment: bool = True
+    augment: bool = False
     seed: int = 0
     num_workers: int = 0
     amp: bool = True
@@ -93,12 +93,12 @@ class TrainConfig:
 _CIFAR = dict(
     epochs=300, cooldown_epochs=10, batch_size=128, eval_batch_size=128, lr=5e-4, min_lr=1e-5, warmup_epochs=20,
     warmup_lr=1e-5, weight_decay=0.06, label_smoothing=0.1, mixup_alpha=0.5, mixup_prob=1.0, mixup_off_epoch=200,
-    seed=42, num_workers=4,
+    seed=42, num_workers=4, augment=True,
 )
 _DVS = dict(
     epochs=96, cooldown_epochs=10, batch_size=16, eval_batch_size=16, lr=1e-3, min_lr=1e-5, warmup_epochs=10,
     warmup_lr=1e-5, weight_decay=0.06, label_smoothing=0.1, mixup_alpha=0.5, mixup_prob=0.5, mixup_off_epoch=75,
-    seed=42, num_workers=4, timesteps=16,
+    seed=42, num_workers=4, timesteps=16, augment=True,
 )
 _RECIPES: dict[str, dict] = {
     "digits": {},

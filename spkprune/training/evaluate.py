@@ -93,3 +93,49 @@ def evaluate(
     if recorder is not None:
         metrics["firing"] = recorder.rates()
     return metrics
+
+
+def evaluate_checkpoint(
+    ref: str,
+    store_path=None,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Load `ref` (store reference, file, folder or hf://), evaluate it on the test split of its data set.
+
+    Returns `evaluate()`'s metrics plus `ref`, `dataset` and `tokens_per_block` (None for a model without token
+    selectors).
+    """
+    from pathlib import Path
+
+    from spkprune.checkpoint import build_model, load_checkpoint
+    from spkprune.data import get_dataset
+    from spkprune.errors import SpkpruneError
+    from spkprune.store import Store
+
+    store = None
+    if store_path is not None and Path(store_path).is_dir():
+        store = Store.open(store_path, create=False)
+    ckpt = load_checkpoint(ref, store)
+    train_meta = ckpt.meta.get("train") or {}
+    dataset = dataset or train_meta.get("dataset") or (ckpt.meta.get("config") or {}).get("dataset")
+    if not dataset:
+        raise SpkpruneError(f"{ckpt.ref or ref} does not say which data set it was trained on; pass --dataset")
+    if data_dir is None and dataset == train_meta.get("dataset"):
+        data_dir = train_meta.get("data_dir")
+    model = build_model(ckpt)
+    from spkprune.training.runner import check_compatible
+
+    check_compatible(model, dataset)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps)
+    metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device)
+    tokens = None
+    if len(getattr(model, "token_selectors", {})) > 0:
+        from spkprune.models.selector import tokens_per_block
+
+        tokens = tokens_per_block(model)
+    return {"ref": ckpt.ref or ref, "dataset": dataset, **metrics, "tokens_per_block": tokens}

@@ -169,6 +169,7 @@ def train_to_store(
     seed_everything(cfg.seed)
     model, masks, parent = _initial_model(store, arch, init, overrides)
     check_compatible(model, cfg.dataset)
+    data = _datasets(cfg, model)  # a missing data set fails here, before anything is written
     meta = {
         "arch": model.preset or arch,
         "config": model.config.to_dict(),
@@ -180,7 +181,7 @@ def train_to_store(
     if distributed.is_main():
         save_checkpoint(store, name, "init", Checkpoint(weights_of(model), masks, {**meta, "epoch": 0}), parent=parent)
     distributed.barrier()
-    return _run(store, name, model, cfg, masks, meta, None, progress)
+    return _run(store, name, model, cfg, masks, meta, None, progress, data)
 
 
 def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, progress: bool = True) -> TrainOutcome:
@@ -202,7 +203,7 @@ def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, p
     else:
         ckpt, resume, start = init, None, 0
     model = build_model(ckpt)
-    outcome = _run(store, name, model, cfg, dict(init.masks), meta, resume, progress)
+    outcome = _run(store, name, model, cfg, dict(init.masks), meta, resume, progress, _datasets(cfg, model))
     outcome.resumed_from_epoch = start
     return outcome
 
@@ -217,11 +218,24 @@ def _check_same(cfg: TrainConfig, overrides: dict, name: str) -> None:
         )
 
 
-def _run(store, name, model, cfg, masks, meta, resume, progress) -> TrainOutcome:
+def _datasets(cfg: TrainConfig, model: nn.Module) -> tuple:
+    from spkprune.data import get_dataset
+
+    timesteps = model.config.timesteps
+    return (
+        get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment),
+        get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps),
+    )
+
+
+def _run(store, name, model, cfg, masks, meta, resume, progress, data) -> TrainOutcome:
     run = meta.get("run", {})
     writer = _RunWriter(store, name, meta, masks, run.get("keep_epochs", DEFAULT_KEEP_EPOCHS), run.get("save_iters", ()))
     hooks = TrainHooks(on_step_end=writer.on_step_end if writer.save_iters else None, on_epoch_end=writer.on_epoch_end)
-    result = fit(model, cfg, masks=masks or None, hooks=hooks, resume=resume, progress=progress)
+    result = fit(
+        model, cfg, masks=masks or None, hooks=hooks, resume=resume, progress=progress,
+        train_data=data[0], test_data=data[1],
+    )
     metrics = {k: result.metrics[k] for k in ("top1", "top5", "loss", "samples")}
     metrics.update(dataset=cfg.dataset, split="test")
     artifact = None
