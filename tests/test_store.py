@@ -322,3 +322,24 @@ def test_two_concurrent_writers_lose_nothing(tmp_path: Path):
     reported = dict(line.split() for out, _ in outputs for line in out.splitlines() if "@" in line)
     assert reported == indexed
     assert json.loads(json.dumps(store.resolve("left-3").meta)) == {"i": 3, "prefix": "left"}
+
+
+def test_update_meta_changes_index_and_blob_header_and_keeps_tensors(tmp_path):
+    import json as _json
+
+    from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from spkprune.store import Store
+
+    store = Store.open(tmp_path / "s")
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    masks = {"w": torch.tensor([[True, False, True], [True, True, False]])}
+    save_checkpoint(store, "a", "main", Checkpoint(weights, masks, {"metrics": {"top1": 0.5}}), parent="x@init")
+    updated = store.update_meta("a", "flops", {"totals": {"dense_macs": 12}})
+    assert updated.meta["flops"] == {"totals": {"dense_macs": 12}} and updated.meta["metrics"] == {"top1": 0.5}
+    assert updated.parent == "x@init" and updated.kind == "checkpoint"
+    reread = Store.open(tmp_path / "s").resolve("a")
+    assert reread.meta["flops"] == updated.meta["flops"]
+    _, header = store.read(reread)
+    assert _json.loads(header["meta"])["flops"] == {"totals": {"dense_macs": 12}}
+    ckpt = load_checkpoint("a", store)
+    assert torch.equal(ckpt.state_dict["w"], weights["w"]) and torch.equal(ckpt.masks["w"], masks["w"])

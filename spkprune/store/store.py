@@ -355,6 +355,19 @@ class Store:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
+    def update_meta(self, ref: str, key: str, value) -> Artifact:
+        """Set `meta[key] = value` on an artifact, in the index and in the blob's header alike.
+
+        The blob is rewritten under the same NAME@TAG through `put` (so the update is as crash-safe as a save);
+        lineage and kind are kept.
+        """
+        art = self.resolve(ref)
+        tensors, metadata = self.read(art)
+        meta = {**art.meta, key: value}
+        if "meta" in metadata:  # a checkpoint blob carries its meta in the header too
+            metadata = {**metadata, "meta": json.dumps(meta, sort_keys=True)}
+        return self.put(art.name, art.tag, tensors, metadata, meta, kind=art.kind, parent=art.parent, replace=True)
+
     def delete(self, name: str, tag: str = "main") -> Artifact:
         """Remove NAME@TAG from the index, then its blob if no other tag shares it."""
         art = self.resolve(format_ref(name, tag))
