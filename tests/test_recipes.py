@@ -315,6 +315,14 @@ def test_interrupted_stage_resumes(tmp_path, monkeypatch):
     assert "--resume" in fake.calls[0]
 
 
+def test_resumed_train_drops_what_the_run_already_fixed(tmp_path):
+    dense = tiny(tmp_path, ["dense.init=hf://org/w"]).stage("dense")
+    fresh, resumed = adapters.argv_for(dense), adapters.argv_for(dense, resume=True)
+    assert fresh[:3] == ["train", "--arch", "spikformer-2-64-digits"] and "--init" in fresh
+    assert "--arch" not in resumed and "--init" not in resumed and resumed[-1] == "--resume"
+    assert resumed[1:3] == ["--dataset", "digits"]
+
+
 def test_run_refuses_to_overwrite_what_it_did_not_make(tmp_path, monkeypatch):
     FakeCommands(monkeypatch)
     store_dir = tmp_path / "store"

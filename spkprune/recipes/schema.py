@@ -68,6 +68,7 @@ class StageType:
     positional: str | None = "from"  # the option passed as the command's positional REF argument
     inherits: dict[str, str] = field(default_factory=dict)  # option -> top-level key it defaults to
     inherit_unless: dict[str, str] = field(default_factory=dict)  # option -> option that, when set, stops inheriting
+    resume_drops: tuple[str, ...] = ()  # options the command refuses together with --resume (it reuses the run's own)
     managed: tuple[str, ...] = ()  # CLI options the runner sets itself (never written in a recipe)
     output: str = "none"  # "checkpoint" (NAME@main), "rounds" (NAME@round-K), "folder" (out), "none"
 
@@ -90,6 +91,7 @@ STAGE_TYPES: dict[str, StageType] = {
         positional=None,
         inherits={"arch": "model", "dataset": "data.dataset", "data_dir": "data.data_dir", "seed": "seed"},
         managed=("resume", "format", "progress"),
+        resume_drops=("arch", "init"),
         output="checkpoint",
         options={
             "arch": Opt("str", help="model preset (default: the recipe's `model`)"),
@@ -106,6 +108,7 @@ STAGE_TYPES: dict[str, StageType] = {
             "save_iter": Opt("int_list", repeat=True, help="also save NAME@iter-K after optimiser step K (for rewind iter:K)"),
             "limit_batches": _int(minimum=1, help="train on only this many batches per epoch (smoke tests)"),
             "workers": _int(minimum=0, identity=False, help="DataLoader worker processes"),
+            "threads": _int(minimum=1, identity=False, help="CPU threads per process (1 is fastest for tiny models)"),
         },
     ),
     "imp": StageType(

@@ -31,7 +31,7 @@ def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> 
         argv.append(str(stage.options[stype.positional]))
     for key in stype.options:  # schema order: the same argv whatever the recipe's key order
         value = stage.options.get(key)
-        if key == stype.positional or value is None:
+        if key == stype.positional or value is None or (resume and key in stype.resume_drops):
             continue
         argv.extend(_flag(option_flag(key), stype.options[key], value))
     if "format" in stype.managed:
