@@ -377,3 +377,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert rows["export"]["size (bytes)"] > 0 and (tmp_path / "export" / "README.md").is_file()
     again = runner.invoke(app, [*args, f"vars.out={tmp_path / 'export'}"])
     assert again.exit_code == 0 and {r["status"] for r in json.loads(again.stdout)["rows"]} == {"skipped"}
+
+
+def test_invoke_runs_the_real_command_in_process(tmp_path):
+    out = adapters.invoke(["flops", "report", "spikformer-2-64-digits", "--keep", "0.5", "--format", "json"], tmp_path)
+    doc = json.loads(out)
+    assert doc["tokens_per_block"] == [16, 8] and doc["totals"]["dense_macs"] > 0
+    Store.open(tmp_path / "s")
+    with pytest.raises(SpkpruneError, match=f"no artifact named 'x': store {tmp_path / 's'} is empty"):
+        adapters.invoke(["evaluate", "x@main"], tmp_path / "s")  # the stage's own store, not ./spkprune-store
+    with pytest.raises(SpkpruneError, match="No such option: --bogus"):
+        adapters.invoke(["evaluate", "x@main", "--bogus"], tmp_path)

@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
-
 from spkprune.errors import SpkpruneError
 from spkprune.recipes.resolve import Stage
 from spkprune.recipes.schema import option_flag
@@ -63,26 +61,47 @@ def invoke(argv: list[str], store_dir: Path) -> str:
     captured = io.StringIO()
     from spkprune.cli.app import CliState
 
+    exit_types, usage_types = _click_exceptions()
     with contextlib.redirect_stdout(captured):
         try:
-            command.main(args=args, prog_name=prog, standalone_mode=False, obj=CliState(store_dir=Path(store_dir)))
-        except click.exceptions.Exit as done:
-            if done.exit_code not in (0, None):
-                raise SpkpruneError(f"`{prog} {' '.join(args)}` exited with code {done.exit_code}") from None
-        except click.ClickException as err:  # a usage error: the schema and the CLI disagree
+            code = command.main(args=args, prog_name=prog, standalone_mode=False, obj=CliState(store_dir=Path(store_dir)))
+        except exit_types as done:
+            code = done.exit_code
+        except usage_types as err:  # a usage error: the schema and the CLI disagree
             raise SpkpruneError(f"`{prog} {' '.join(args)}`: {err.format_message()}") from None
+    if isinstance(code, int) and code != 0:
+        raise SpkpruneError(f"`{prog} {' '.join(args)}` exited with code {code}")
     return captured.getvalue()
 
 
-def _command(argv: list[str]) -> tuple[click.Command, list[str], str]:
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Exit and usage-error classes of the click that Typer runs on (recent Typer vendors its own copy)."""
+    exits: list[type] = []
+    usage: list[type] = []
+    for module_name in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        try:
+            module = __import__(module_name, fromlist=["Exit", "ClickException"])
+        except ImportError:
+            continue
+        for name, found in (("Exit", exits), ("ClickException", usage)):
+            if isinstance(getattr(module, name, None), type):
+                found.append(getattr(module, name))
+    return tuple(exits), tuple(usage)
+
+
+def _command(argv: list[str]):
+    """The click command for `argv` (descending into groups such as `flops`), the rest of argv, and its name.
+
+    The subcommand runs under its own context, below the `spkprune` group, so its SpkpruneError reaches the runner
+    (which names the stage) instead of the group's one-line printer, and its store is the one given here."""
     import typer.main
 
     from spkprune.cli import app
 
-    node: click.Command = typer.main.get_command(app)
+    node = typer.main.get_command(app)
     path = ["spkprune"]
     rest = list(argv)
-    while isinstance(node, click.Group) and rest:
+    while getattr(node, "commands", None) is not None and rest:
         sub = node.commands.get(rest[0])
         if sub is None:
             raise SpkpruneError(f"spkprune has no command {' '.join([*path[1:], rest[0]])!r}; this spkprune is incomplete")
