@@ -138,3 +138,34 @@ def test_keep_epochs_and_save_iter(tmp_path):
     assert sorted(store.tags("k")) == ["epoch-2", "epoch-3", "init", "iter-1", "main"]
     iter1, epoch1_equiv = load_checkpoint("k@iter-1", store), load_checkpoint("k@epoch-2", store)
     assert iter1.meta["step"] == 1 and epoch1_equiv.meta["step"] == 2
+
+
+def test_init_from_a_checkpoint_keeps_its_weights_and_masks(trained, tmp_path):
+    from spkprune.checkpoint import Checkpoint, save_checkpoint
+
+    root, _ = trained
+    store = Store.open(root)
+    source = load_checkpoint("d", store)
+    key = "block.1.mlp.fc2_linear.weight"
+    mask = torch.rand(source.state_dict[key].shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    pruned = dict(source.state_dict, **{key: source.state_dict[key] * mask})
+    save_checkpoint(store, "ticket", "main", Checkpoint(pruned, {key: mask}, source.meta), replace=True)
+    result = _cli(root, "train", "--init", "ticket", "--epochs", "1", "--batch-size", "16", "--limit-batches", "1",
+                  "--name", "from-ticket", "--no-progress")
+    assert result.exit_code == 0, result.output
+    init, final = load_checkpoint("from-ticket@init", store), load_checkpoint("from-ticket", store)
+    assert all(torch.equal(v, init.state_dict[k]) for k, v in pruned.items())
+    assert init.meta["arch"] == PRESET and torch.equal(final.masks[key], mask)
+    assert torch.count_nonzero(final.state_dict[key][~mask]) == 0
+    assert not torch.equal(final.state_dict[key], pruned[key])
+    assert store.resolve("from-ticket@init").parent == "ticket@main"
+
+
+@pytest.mark.slow
+def test_digits_defaults_reach_95_percent(tmp_path):
+    """The README demo's claim: the default recipe trains spikformer-2-64-digits to >= 95% test accuracy."""
+    result = _cli(tmp_path, "train", "--name", "digits", "--threads", "1", "--no-progress", "--format", "json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["rows"][0]
+    assert row["arch"] == PRESET and row["epochs"] == 5
+    assert row["top1"] >= 0.95

@@ -19,7 +19,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    epochs: int = 6
+    epochs: int = 5
     cooldown_epochs: int = 0
     batch_size: int = 32
     eval_batch_size: int = 256
