@@ -1,0 +1,1 @@
+"""spkprune benchmarks: `python -m benchmarks [--quick]` measures this machine and writes docs/benchmarks.md."""

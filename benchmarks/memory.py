@@ -1,0 +1,35 @@
+"""Peak memory of training steps, measured in a fresh process: `python -m benchmarks.memory PRESET BATCH PATH`.
+
+Prints one JSON line: `base_mb` (max RSS once model, optimizer state and data exist), `peak_mb` (max RSS after the
+training steps) and `step_mb` (their difference: what the steps needed on top: activations saved for backward,
+gradients, temporaries). tracemalloc does not see torch's CPU allocations; the kernel's max RSS does.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+import torch
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv: list[str]) -> None:
+    from benchmarks.cases import training_setup
+
+    preset, batch, path, steps = argv[0], int(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else 2
+    step = training_setup(preset, batch, path)
+    step.prime()  # optimizer state exists before the baseline is read
+    base = max_rss_mb()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"base_mb": base, "peak_mb": max_rss_mb(), "step_mb": max_rss_mb() - base}))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main(sys.argv[1:])

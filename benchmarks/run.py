@@ -1,0 +1,203 @@
+"""The benchmark entry point: `python -m benchmarks [--quick] [--compile] [--out docs/benchmarks.md]`.
+
+Everything is measured on this machine in one run, with warm-up and interleaved repeats (plain and fast alternate, so
+load from other processes hits both alike); reported figures are medians, ratios are medians of per-repeat ratios.
+Peak memory comes from a fresh subprocess per configuration (max RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import cases
+from benchmarks.timing import interleaved, machine, median, paired_ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PRESET = "spikformer-4-384-cifar10"
+DIGITS_PRESET = "spikformer-2-64-digits"
+KEEPS = (0.9, 0.7, 0.5)
+
+FULL = dict(train_batch=16, train_repeats=3, digits_batch=64, digits_repeats=7, eval_batch=32, eval_repeats=3,
+            mask_repeats=2, export_repeats=5, memory_steps=2)
+QUICK = dict(train_batch=4, train_repeats=2, digits_batch=32, digits_repeats=3, eval_batch=8, eval_repeats=2,
+             mask_repeats=3, export_repeats=2, memory_steps=1)
+
+TARGETS = {  # name: (measured key, comparison, bound)
+    "training step speed-up vs plain (4-384)": ("train_speedup", ">=", 1.5),
+    "peak training memory vs plain (4-384)": ("train_memory_ratio", "<=", 0.5),
+    "eval speed-up vs plain (4-384, dense)": ("eval_speedup", ">=", 2.0),
+    "eval throughput keep 0.7 / keep 1.0": ("keep07_gain", ">=", 1.2),
+    "mask overhead per training step": ("mask_overhead", "<", 0.05),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dict:
+    steps = {path: cases.training_setup(preset, batch, path) for path in cases.PATHS}
+    if compile:
+        steps["fast compiled"] = cases.training_setup(preset, batch, "fast", compile=True)
+    times = interleaved(steps, warmup=1, repeats=repeats)
+    rows = [{"path": name, "images_per_s": batch / median(t), "step_s": median(t)} for name, t in times.items()]
+    return {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast"])}
+
+
+def train_memory(preset: str, batch: int, steps: int) -> dict[str, dict]:
+    out = {}
+    for path in cases.PATHS:
+        cmd = [sys.executable, "-m", "benchmarks.memory", preset, str(batch), path, str(steps)]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        out[path] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def mask_overhead(preset: str, batch: int, repeats: int) -> dict:
+    model = cases.make_model(preset)
+    images, targets = cases.batch_for(model, batch)
+    net = cases.training_net(model, "fast")
+    unmasked = cases.TrainStep(model, net, images, targets)
+    masked = cases.TrainStep(model, net, images, targets, masks=cases.magnitude_masks(model, 0.8))
+    times = interleaved({"without masks": unmasked, "with masks": masked}, warmup=1, repeats=repeats)
+    return {"times": {k: median(v) for k, v in times.items()},
+            "overhead": paired_ratio(times["with masks"], times["without masks"]) - 1}
+
+
+def eval_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dict:
+    passes = cases.eval_setups(preset, batch, KEEPS, compile=compile)
+    times = interleaved(passes, warmup=1, repeats=repeats)
+    rows = [{"path": name, "images_per_s": batch / median(t)} for name, t in times.items()]
+    return {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast keep 1.0"]),
+            "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"])}
+
+
+def run(quick: bool, compile: bool) -> dict:
+    p = QUICK if quick else FULL
+    torch.manual_seed(0)
+    results: dict = {"machine": machine(), "settings": p, "compile": compile}
+    log(f"training {TRAIN_PRESET} batch {p['train_batch']} ...")
+    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"], compile)
+    log(f"training {DIGITS_PRESET} batch {p['digits_batch']} ...")
+    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"], False)
+    log("peak training memory (fresh processes) ...")
+    results["memory"] = train_memory(TRAIN_PRESET, p["train_batch"], p["memory_steps"])
+    results["memory_digits"] = train_memory(DIGITS_PRESET, p["digits_batch"], p["memory_steps"])
+    log("mask overhead ...")
+    results["masks"] = mask_overhead(DIGITS_PRESET if quick else TRAIN_PRESET,
+                                     p["digits_batch"] if quick else p["train_batch"], p["mask_repeats"])
+    log(f"eval {TRAIN_PRESET} batch {p['eval_batch']} ...")
+    results["eval"] = eval_throughput(TRAIN_PRESET, p["eval_batch"], p["eval_repeats"], compile)
+    log("export sizes and load times ...")
+    results["export"] = cases.export_sizes(TRAIN_PRESET, 0.8, p["export_repeats"])
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    results["machine"]["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in load)
+    mem = results["memory"]
+    results["summary"] = {
+        "train_speedup": results["train"]["speedup"],
+        "train_memory_ratio": _ratio(mem["fast"]["step_mb"], mem["plain"]["step_mb"]),
+        "eval_speedup": results["eval"]["speedup"],
+        "keep07_gain": results["eval"]["keep07_gain"],
+        "mask_overhead": results["masks"]["overhead"],
+    }
+    return results
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+# ---- report -------------------------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _met(value: float, op: str, bound: float) -> bool:
+    return {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+
+
+def report(results: dict, command: str, seconds: float) -> str:
+    s = results["summary"]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Written by the benchmark entry point; do not edit by hand. Reproduce with:",
+        "",
+        f"```\n{command}\n```",
+        "",
+        f"One run, {seconds:.0f} s. Medians over interleaved repeats (plain and fast alternate), after one warm-up "
+        "each; ratios are medians of per-repeat ratios. *plain* = spikingjelly's `LIFNode` operator at every site, "
+        "BatchNorm modules, `torch.no_grad`; *fast* = the lean LIF with bool spike packing for training "
+        "(`prepare_for_training`), lean LIF + folded BatchNorm + `torch.inference_mode` for eval "
+        "(`prepare_for_inference`). See docs/performance.md for what each does.",
+        "",
+        "## Machine",
+        "",
+        _table(["", ""], [[k, v] for k, v in results["machine"].items()]),
+        "",
+        "## Targets",
+        "",
+        _table(["target", "bound", "measured", "met"], [
+            [name, f"{op} {bound:g}", f"{s[key]:.3f}", "yes" if _met(s[key], op, bound) else "**no**"]
+            for name, (key, op, bound) in TARGETS.items()
+        ]),
+        "",
+    ]
+    for key, preset in (("train", TRAIN_PRESET), ("train_digits", DIGITS_PRESET)):
+        batch = results["settings"]["train_batch" if key == "train" else "digits_batch"]
+        parts += [f"## Training step: {preset}, batch {batch}", "",
+                  _table(["path", "images/s", "s/step"],
+                         [[r["path"], f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}"] for r in results[key]["rows"]]),
+                  "", f"Speed-up fast / plain: **{results[key]['speedup']:.2f}x**", ""]
+    for key, preset in (("memory", TRAIN_PRESET), ("memory_digits", DIGITS_PRESET)):
+        m = results[key]
+        parts += [f"## Peak training memory: {preset} (fresh process per path, max RSS)", "",
+                  _table(["path", "baseline MB (model + optimizer)", "peak MB", "step MB (peak - baseline)"],
+                         [[p, f"{v['base_mb']:.0f}", f"{v['peak_mb']:.0f}", f"{v['step_mb']:.0f}"] for p, v in m.items()]),
+                  "", f"Step memory fast / plain: **{_ratio(m['fast']['step_mb'], m['plain']['step_mb']):.2f}**; "
+                  f"peak RSS fast / plain: {m['fast']['peak_mb'] / m['plain']['peak_mb']:.2f}", ""]
+    mk = results["masks"]
+    parts += ["## Weight-mask overhead (fast path, 80% layer-wise magnitude masks, MaskEnforcer as in fit)", "",
+              _table(["", "s/step"], [[k, f"{v:.3f}"] for k, v in mk["times"].items()]), "",
+              f"Overhead: **{100 * mk['overhead']:.1f}%**", ""]
+    ev = results["eval"]
+    parts += [f"## Eval: {TRAIN_PRESET}, batch {results['settings']['eval_batch']}", "",
+              _table(["path", "images/s"], [[r["path"], f"{r['images_per_s']:.2f}"] for r in ev["rows"]]), "",
+              f"Speed-up fast / plain: **{ev['speedup']:.2f}x**; keep 0.7 / keep 1.0: **{ev['keep07_gain']:.2f}x** "
+              "(keep r = cumulative ratios r, r^2, r^3 before blocks 1, 2, 3; tokens gathered)", ""]
+    parts += [f"## Export: {TRAIN_PRESET}, 80% layer-wise magnitude sparsity", "",
+              _table(["format", "bytes", "MB", "load s (median)"],
+                     [[r["format"], r["bytes"], f"{r['bytes'] / 1e6:.2f}", f"{r['load_s']:.3f}"]
+                      for r in results["export"]]), ""]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (< 2 minutes)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd fast paths")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown report to write")
+    parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = run(args.quick, args.compile)
+    seconds = time.perf_counter() - start
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (" --compile" if args.compile else "")
+    Path(args.out).write_text(report(results, command, seconds) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out} ({seconds:.0f} s)")
+    print(json.dumps(results["summary"], indent=2))
+    return 0

@@ -1,0 +1,141 @@
+"""Fast paths keep the model's spikes: neuron backends on the original-code fixture, folded BatchNorm, spike packing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import spkprune
+from spkprune.errors import SpkpruneError
+from spkprune.models import fastpath
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "spikformer-small"
+SMALL = dict(embed_dim=64, num_heads=4, depth=1, timesteps=2)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    tensors = load_file(FIXTURES / "golden_small.safetensors")
+    activations = load_file(FIXTURES / "golden_small_activations.safetensors")
+    model = spkprune.create_model("spikformer-4-384-cifar10", **SMALL)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("__")})
+    return model.eval(), tensors, activations
+
+
+def _spikes_and_logits(model, x):
+    sites = fastpath._sites(model)
+    for site in sites.values():
+        site.record = True
+    with torch.inference_mode():
+        logits = model(x)
+    spikes = {name: site.last_spikes.to(torch.uint8) for name, site in sites.items()}
+    for site in sites.values():
+        site.record, site.last_spikes = False, None
+    return spikes, logits
+
+
+@pytest.mark.parametrize("path", ["spikingjelly", "lean", "folded"])
+def test_every_path_reproduces_the_original_code_on_the_fixture(golden, path):
+    model, tensors, activations = golden
+    if path == "folded":
+        net = fastpath.prepare_for_inference(model)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    else:
+        net = fastpath.set_neuron_backend(model, path)
+    spikes, logits = _spikes_and_logits(net, tensors["__input__"])
+    fastpath.set_neuron_backend(model, "lean")
+    assert len(spikes) == 12
+    for name, value in spikes.items():
+        assert torch.equal(value, activations[f"__spikes__.{name}"]), f"{path}: spikes differ at {name}"
+    torch.testing.assert_close(logits, tensors["__logits__"], atol=1e-5, rtol=0)
+
+
+def _with_random_batchnorm(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            bn.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset,overrides,shape", [
+    ("spikformer-2-64-digits", {}, (64, 1, 8, 8)),
+    ("spikformer-8-384-imagenet", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2), (4, 3, 32, 32)),
+    ("spikformer-2-256-cifar10dvs", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2),
+     (4, 2, 2, 32, 32)),
+])
+def test_folded_batchnorm_keeps_every_spike(preset, overrides, shape):
+    torch.manual_seed(0)
+    model = _with_random_batchnorm(spkprune.create_model(preset, **overrides))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    folded = fastpath.fold_batchnorm(model)
+    mismatches = fastpath.spike_mismatches(model, folded, x)
+    assert mismatches and sum(mismatches.values()) == 0, mismatches
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_folding_keeps_gathered_token_selection():
+    from spkprune.models.selector import attach_selectors
+
+    torch.manual_seed(0)
+    model = _with_random_batchnorm(attach_selectors(spkprune.create_model("spikformer-2-64-digits"), {"keep": 0.5}))
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    folded = fastpath.prepare_for_inference(model)
+    torch.manual_seed(5)
+    reference_spikes, reference = _spikes_and_logits(model, x)
+    torch.manual_seed(5)
+    spikes, logits = _spikes_and_logits(folded, x)
+    assert all(torch.equal(spikes[k], v) for k, v in reference_spikes.items())
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_bn_into_is_exact_in_float64():
+    layer, bn = torch.nn.Linear(3, 4).double(), torch.nn.BatchNorm1d(4).double()
+    _with_random_batchnorm(bn)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected = bn(layer(x))
+    fastpath.fold_bn_into(layer, bn)
+    torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=0)
+
+
+def test_training_fast_path_gives_the_plain_gradients():
+    torch.manual_seed(0)
+    plain = spkprune.create_model("spikformer-2-64-digits").train()
+    fast = spkprune.create_model("spikformer-2-64-digits").train()
+    fast.load_state_dict(plain.state_dict())
+    fastpath.prepare_for_training(plain, backend="spikingjelly", pack_spikes=False)
+    net = fastpath.prepare_for_training(fast)
+    assert fastpath.neuron_backends(fast) == {"lean"} and fastpath.neuron_backends(plain) == {"spikingjelly"}
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 10
+    for model in (plain, net):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    for name, buf in plain.named_buffers():
+        assert torch.equal(buf, dict(fast.named_buffers())[name]), name  # BatchNorm running statistics
+
+
+def test_spike_packing_hooks_can_be_switched_off():
+    model = spkprune.create_model("spikformer-2-64-digits")
+    fastpath.enable_spike_packing(model)
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    fastpath.enable_spike_packing(model, False)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_unknown_backend_is_a_user_error():
+    with pytest.raises(SpkpruneError, match="unknown neuron backend 'fast'; choose one of: spikingjelly, lean"):
+        fastpath.set_neuron_backend(spkprune.create_model("spikformer-2-64-digits"), "fast")
