@@ -32,4 +32,4 @@ def evaluate_command(
     summary = {k: report[k] for k in ("ref", "dataset", "samples", "top1", "top5", "loss", "tokens_per_block")}
     if fmt in ("table", "md"):
         stderr.print(f"evaluated {report['ref']} on {report['dataset']} test ({report['samples']} samples)")
-    render_frame(rows, fmt, title=f"{report['ref']}: firing rate per neuron site", extra=summary)
+    render_frame(rows, fmt, title=f"{report['ref']} firing rates", extra=summary)

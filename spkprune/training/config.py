@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from spkprune.errors import SpkpruneError
 
@@ -40,7 +40,6 @@ class TrainConfig:
     grad_clip: float | None = None
     eval_every: int = 1
     limit_train_batches: int | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def total_epochs(self) -> int:
@@ -76,7 +75,7 @@ class TrainConfig:
         return cls(**data).validate()
 
     def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None}).validate()
+        return dataclasses.replace(self, **changes).validate()
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":

@@ -183,7 +183,7 @@ class _Trainer:
             return None
         return Mixup(cfg.mixup_alpha, cfg.mixup_prob, cfg.label_smoothing, self.num_classes)
 
-    def _step(self, images, targets, mixup) -> tuple[float, int]:
+    def _step(self, images, targets, mixup) -> tuple[float, int, float]:
         labels = targets
         if mixup is not None:
             images, targets = mixup(images, targets)
