@@ -68,16 +68,16 @@ def imp_command(
     try:
         report = run_imp(
             store, ref, name, settings, control=control, resume=resume, progress=progress, plot=plot,
-            log=lambda message: stderr.print(message) if info.is_main else None,
+            log=lambda message: stderr.print(message, soft_wrap=True) if info.is_main else None,
         )
     finally:
         distributed.shutdown()
     if not info.is_main:
         return
     if report.nothing_to_do:
-        stderr.print(f"{name}: every round is already in the store; nothing to do")
+        stderr.print(f"{name}: every round is already in the store; nothing to do", soft_wrap=True)
     if report.plot is not None:
-        stderr.print(f"plot: {report.plot}")
+        stderr.print(f"plot: {report.plot}", soft_wrap=True)
     frame = _for_people(report.frame()) if fmt == "table" else report.frame()
     summary = describe(report)
     extra = summary if fmt == "json" else {"final ticket": summary["final"]}

@@ -157,8 +157,8 @@ def _load_source(store: Store, ref: str, settings: ImpSettings) -> _Source:
     ckpt = load_artifact(store, art)
     if not ckpt.meta.get("train"):
         raise SpkpruneError(
-            f"{art.ref} has no training configuration (meta 'train'; e.g. an imported checkpoint); "
-            "imp retrains with it: train it with `spkprune train` first, or pass --dataset/--epochs"
+            f"{art.ref} has no training configuration (meta 'train'; e.g. an imported checkpoint); imp rewinds to "
+            f"{art.name}@init and retrains with the recorded configuration: train it with `spkprune train` first"
         )
     if ckpt.masks:
         raise SpkpruneError(f"{art.ref} is already pruned; start imp from a dense trained checkpoint")
@@ -167,13 +167,6 @@ def _load_source(store: Store, ref: str, settings: ImpSettings) -> _Source:
     prunable = list(model.prunable_weights())
     eligible = M.eligible_keys(prunable, settings.exclude)
     return _Source(art, ckpt, train, prunable, eligible, model.config.timesteps)
-
-
-def with_train_overrides(ckpt: Checkpoint, **overrides) -> Checkpoint:
-    """`ckpt` with a training configuration made from `TrainConfig.for_dataset` (imported checkpoints)."""
-    dataset = overrides.pop("dataset", None) or ckpt.meta.get("config", {}).get("dataset")
-    cfg = TrainConfig.for_dataset(dataset, **overrides)
-    return Checkpoint(ckpt.state_dict, ckpt.masks, {**ckpt.meta, "train": cfg.to_dict()}, ckpt.ref)
 
 
 @dataclass
@@ -499,6 +492,7 @@ def run_imp(
     run.check_name_free_or_same()
     if resume and not store.exists(name, "round-0"):
         raise SpkpruneError(f"nothing to resume: the store holds no IMP run named {name!r}; drop --resume")
+    distributed.barrier()  # every process decides what is pending from the same store state
     kinds = ["ticket"] + ([control] if control != "none" else [])
     todo = [(kind, k) for kind in kinds for k in range(0 if kind == "ticket" else 1, settings.rounds + 1)]
     pending = [(kind, k) for kind, k in todo if not run.done(kind, k)]
