@@ -76,8 +76,8 @@ def _cifar(depth, dim, heads, classes, dataset):
     return SpikformerConfig("cifar", 32, 3, classes, dim, heads, depth, 4, 2, 0.125, dataset=dataset)
 
 
-def _dvs(classes, dataset):
-    return SpikformerConfig("dvs", 128, 2, classes, 256, 16, 2, 16, 4, 0.25, ln_eps=1e-6, dataset=dataset)
+def _dvs(classes, dataset, depth=2):
+    return SpikformerConfig("dvs", 128, 2, classes, 256, 16, depth, 16, 4, 0.25, ln_eps=1e-6, dataset=dataset)
 
 
 def _imagenet(dim, heads):
@@ -99,6 +99,9 @@ PRESETS: dict[str, SpikformerConfig] = {
     "spikformer-4-512-cifar10": _cifar(4, 512, 16, 10, "cifar10"),
     "spikformer-2-256-cifar10dvs": _dvs(10, "cifar10-dvs"),
     "spikformer-2-256-dvs128": _dvs(11, "dvs128-gesture"),
+    # SparseSpikformer's DVS models (its code: depth 4, dim 256, 16 heads, T=16), not the published Spikformer-2-256.
+    "spikformer-4-256-cifar10dvs": _dvs(10, "cifar10-dvs", depth=4),
+    "spikformer-4-256-dvs128": _dvs(11, "dvs128-gesture", depth=4),
     "spikformer-8-384-imagenet": _imagenet(384, 12),
     "spikformer-8-512-imagenet": _imagenet(512, 8),
     "spikformer-8-768-imagenet": _imagenet(768, 12),
