@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 import typer
 
+from spkprune.checkpoint import natural_key
 from spkprune.cli.app import app, store_dir
 from spkprune.cli.render import check_format, render_frame, stderr
 from spkprune.errors import SpkpruneError
@@ -33,7 +34,12 @@ def train_command(
     ),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local data root (every data set but digits)."),
     name: str = typer.Option(..., "--name", help="Name of the run in the store: NAME, NAME@init, NAME@epoch-K."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of the cosine schedule (default: the data set's recipe)."),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", help="Epochs of the cosine schedule (default: the data set's recipe); the recipe's cooldown epochs come on top."
+    ),
+    cooldown_epochs: Optional[int] = typer.Option(
+        None, "--cooldown-epochs", help="Epochs at the minimum learning rate after the cosine (CIFAR and DVS recipes: 10, digits: 0)."
+    ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size per process."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of AdamW."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", help="Override the preset's time steps T."),
@@ -64,7 +70,7 @@ def train_command(
             raise SpkpruneError("--threads must be >= 1")
         torch.set_num_threads(threads)
     overrides = {
-        "dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "dataset": dataset, "data_dir": data_dir, "epochs": epochs, "cooldown_epochs": cooldown_epochs, "batch_size": batch_size, "lr": lr,
         "timesteps": timesteps, "seed": seed, "limit_train_batches": limit_batches, "num_workers": workers,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -103,5 +109,5 @@ def _report(store: Store, name: str, outcome, fmt: str) -> None:
         "loss": metrics.get("loss"),
         "seconds": round(outcome.result.seconds, 1) if outcome.result is not None else None,
     }]
-    tags = ", ".join(sorted(store.tags(name), key=lambda t: (not t.startswith("init"), t)))
+    tags = ", ".join(sorted(store.tags(name), key=lambda t: (t != "init", t == "main", natural_key(t))))
     render_frame(pd.DataFrame(rows), fmt, title=f"trained {name}", extra={"saved": tags})

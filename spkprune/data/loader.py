@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -26,6 +28,8 @@ def make_loader(
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     drop_last = train if drop_last is None else drop_last
+    # Never more workers than usable CPUs: the original recipes ask for 4, which only thrashes a 2-core machine.
+    num_workers = min(num_workers, _usable_cpus())
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if distributed:
@@ -41,3 +45,10 @@ def make_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
