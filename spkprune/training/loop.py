@@ -137,11 +137,11 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
         )
-        self.iters = len(self.loader) if cfg.limit_train_batches is None else min(len(self.loader), cfg.limit_train_batches)
-        iters = self.iters
+        self.iters = min(len(self.loader), cfg.limit_train_batches or len(self.loader))  # optimiser steps per epoch
         self.scheduler = WarmupCosine(
             self.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-            warmup_iters=cfg.warmup_epochs * iters, decay_iters=cfg.epochs * iters, offset=schedule_offset_iters,
+            warmup_iters=cfg.warmup_epochs * self.iters, decay_iters=cfg.epochs * self.iters,
+            offset=schedule_offset_iters,
         )
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
