@@ -203,8 +203,8 @@ def _resolve_rewind(store: Store, src: _Source, spec: str, model_keys: list[str]
     if missing:
         raise SpkpruneError(f"rewind point {art.ref} lacks weights of the model: {', '.join(missing[:3])}")
     offset = 0
-    if kind == "epoch":
-        offset = k * _iters_per_epoch(src.train, src.timesteps)
+    if kind == "epoch":  # the training run records its exact step count (batch limits included)
+        offset = int(art.meta.get("step") or k * _iters_per_epoch(src.train, src.timesteps))
     elif kind == "iter":
         offset = k
     return _Rewind(art.ref, state, offset)
