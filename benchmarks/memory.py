@@ -2,7 +2,7 @@
 
 Prints one JSON line: `base_mb` (max RSS once model, optimizer state and data exist), `peak_mb` (max RSS after the
 training steps) and `step_mb` (their difference: what the steps needed on top: activations saved for backward,
-gradients, temporaries). tracemalloc does not see torch's CPU allocations; the kernel's max RSS does.
+gradients, temporaries). tracemalloc does not see torch's CPU allocations; the kernel's peak RSS (VmHWM) does.
 """
 
 from __future__ import annotations
@@ -15,6 +15,15 @@ import torch
 
 
 def max_rss_mb() -> float:
+    """This process's peak resident set size. Linux's `ru_maxrss` carries the parent's peak across fork + exec (so a
+    child of a big benchmark process starts "at" the parent's peak); `VmHWM` belongs to the new address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
