@@ -151,3 +151,33 @@ def test_a_model_with_one_block_has_no_room_for_a_selector(tmp_path):
     result = cli(store, "select-tokens", "one", "--keep", "0.7", "--scorer", "firing-rate", "--epochs", "0",
                  "--name", "x")
     assert result.exit_code == 2 and "needs at least 2 blocks" in result.stderr
+
+
+@pytest.mark.slow
+def test_digits_end_to_end_dense_then_learned_and_firing_rate_selectors(tmp_path):
+    """Train a dense digits model briefly, then select tokens with every scorer through the CLI."""
+    from spkprune.training import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = create_model(ARCH)
+    cfg = TrainConfig.for_dataset("digits", epochs=6, seed=0)
+    dense_top1 = fit(model, cfg, progress=False).metrics["top1"]
+    assert dense_top1 > 0.7
+    store = Store.open(tmp_path / "store")
+    meta = {"arch": ARCH, "config": model.config.to_dict(), "selector": None, "train": cfg.to_dict()}
+    save_checkpoint(store, "dense", "main", Checkpoint(model.state_dict(), {}, meta))
+    results = {}
+    for scorer, epochs in (("learned", "2"), ("firing-rate", "0"), ("random", "0")):
+        out = cli(store, "select-tokens", "dense", "--keep", "0.9", "--scorer", scorer, "--epochs", epochs,
+                  "--name", scorer, "--format", "json")
+        assert out.exit_code == 0, out.output
+        results[scorer] = json.loads(out.stdout)
+        assert results[scorer]["teacher_top1"] == pytest.approx(dense_top1)
+        assert [r["tokens"] for r in results[scorer]["rows"]] == [16, 14]
+    assert results["learned"]["student_top1"] > dense_top1 - 0.05
+    assert results["firing-rate"]["student_top1"] > dense_top1 - 0.05
+    pictures = tmp_path / "pictures"
+    out = cli(store, "select-tokens", "learned", "--analyze", "--out", str(pictures), "--format", "json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["rows"][0]["tokens_kept"] == 14.0
+    assert (pictures / "kept_tokens.png").stat().st_size > 1000

@@ -81,7 +81,9 @@ def finetune_config(source: Checkpoint, epochs: int | None = None, **overrides):
     if not dataset:
         raise SpkpruneError(f"{source.ref or 'the checkpoint'} records no data set; pass --dataset")
     if train and train.get("dataset") == dataset:
-        base = TrainConfig.from_dict(train)
+        # Only the options this version knows: a recipe stored by an older spkprune may carry retired ones.
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        base = TrainConfig.from_dict({k: v for k, v in train.items() if k in known})
     else:
         base = TrainConfig.for_dataset(dataset)
     epochs = FINETUNE_EPOCHS if epochs is None else epochs
