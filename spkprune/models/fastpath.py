@@ -125,7 +125,7 @@ def _folded_project(self, prefix: str, x: torch.Tensor, keep: torch.Tensor | Non
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-only copy of `model` with every BatchNorm folded into the preceding conv / linear (and replaced by
     `nn.Identity`). Not for training or for loading state_dicts: its keys differ from the original."""
-    folded = copy.deepcopy(model).eval()
+    folded = _copy_without_graph(model).eval()
     for parent, layer_name, bn_name in list(_fold_pairs(folded)):
         fold_bn_into(getattr(parent, layer_name), getattr(parent, bn_name))
         setattr(parent, bn_name, nn.Identity())
@@ -135,6 +135,24 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     folded.folded_batchnorm = True
     return folded
+
+
+def _copy_without_graph(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, leaving out tensors that belong to an autograd graph (e.g. a selector's last decision,
+    kept for the training loss), which cannot be deep-copied; the copy gets None in their place."""
+    stashed = [
+        (module, key, value)
+        for module in model.modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not value.is_leaf
+    ]
+    for module, key, _ in stashed:
+        module.__dict__[key] = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, key, value in stashed:
+            module.__dict__[key] = value
 
 
 def prepare_for_inference(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:

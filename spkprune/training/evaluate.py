@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from spkprune.data.loader import make_loader
+from spkprune.models.fastpath import prepare_for_inference
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -46,7 +47,6 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: Dataset | DataLoader,
@@ -63,16 +63,18 @@ def evaluate(
     """
     loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, train=False, distributed=False)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = _unwrap(model)
     was_training = model.training
-    model.eval()
-    recorder = FiringRecorder(model) if record_firing else None
+    # BatchNorm folded into its conv/linear on an eval-only copy: same spikes, less work (docs/performance.md).
+    fast = prepare_for_inference(model) if hasattr(model, "neuron_sites") else model.eval()
+    recorder = FiringRecorder(fast) if record_firing else None
     correct1 = correct5 = 0
     loss_sum, seen = 0.0, 0
     try:
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                logits = model(images)
+            with torch.inference_mode(), _autocast(device, amp):
+                logits = fast(images)
             logits = logits.float()
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices

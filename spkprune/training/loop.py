@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spkprune.data import dataset_info, get_dataset, make_loader
 from spkprune.errors import SpkpruneError
+from spkprune.models.fastpath import prepare_for_training
 from spkprune.training import distributed
 from spkprune.training.config import TrainConfig
 from spkprune.training.evaluate import evaluate
@@ -125,6 +126,8 @@ class _Trainer:
         self.dist = distributed.current()
         self.device = torch.device(device) if device is not None else self.dist.device
         self.model = model.to(self.device)
+        if hasattr(model, "neuron_sites"):  # lean neurons, spikes kept as bool for backward (same numbers)
+            prepare_for_training(model)
         self.train_data, self.test_data = _datasets(model, cfg, train_data, test_data)
         self.loader = make_loader(
             self.train_data, cfg.batch_size, train=True, seed=cfg.seed, num_workers=cfg.num_workers
