@@ -20,8 +20,9 @@ def evaluate_command(
     batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
     fmt: str = typer.Option("table", "--format", help="Output: table, json, csv or md."),
 ) -> None:
-    """Evaluate a checkpoint on a test split: top-1, top-5, loss, firing rate per neuron site (and the tokens each
-    block keeps when the model has token selectors)."""
+    """Evaluate a checkpoint on a test split: top-1, top-5, loss and the firing rate of every neuron site.
+
+    With token selectors, also the tokens each block keeps."""
     from spkprune.training.evaluate import evaluate_checkpoint
 
     check_format(fmt)

@@ -58,8 +58,10 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bars on stderr."),
     fmt: str = typer.Option("table", "--format", help="Output: table, json, csv or md."),
 ) -> None:
-    """Train a model (AdamW, warm-up + cosine, label smoothing, mixup, AMP on GPU) and save it with its initial
-    weights; resumable with --resume, multi-process under `torchrun --nproc_per_node N -m spkprune train ...`."""
+    """Train a model and save it with its initial weights (NAME@init) for lottery-ticket rewinding.
+
+    AdamW, warm-up + cosine schedule, label smoothing, mixup, AMP on GPU. Resumable with --resume; several
+    processes with `torchrun --nproc_per_node N -m spkprune train ...`."""
     from spkprune.data import dataset_info
     from spkprune.training import TrainConfig, distributed
     from spkprune.training.runner import resume_in_store, train_to_store
