@@ -364,3 +364,23 @@ def test_training_free_scorers_evaluate_without_fine_tuning():
     assert result.history == [] and result.checkpoint.meta["selection"]["epochs"] == 0
     with pytest.raises(SpkpruneError, match="must be trained"):
         select_tokens(source, SelectionConfig(scorer="learned"), epochs=0, test_data=test, progress=False)
+
+
+def test_analysis_of_cifar_style_inputs_writes_pictures_and_table(tmp_path):
+    from spkprune.selection import analyze_tokens, rate_table, write_analysis
+
+    torch.manual_seed(0)
+    model = create_model("spikformer-2-384-cifar10", embed_dim=32, num_heads=2, timesteps=1)
+    attach_selectors(model, {"keep": 0.7, "scorer": "firing-rate"})
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    analysis = analyze_tokens(lively(model, images), images)
+    assert analysis.grid == 8 and analysis.rates[0].shape == (4, 64)
+    assert analysis.rates[1].isnan().sum(1).tolist() == [20] * 4  # 64 - int(64 * 0.7) dropped before block 1
+    table = rate_table(analysis)
+    assert table[["block", "tokens_in", "tokens_kept"]].values.tolist() == [[1, 64, 44]]
+    assert table.loc[0, "rate_kept"] > table.loc[0, "rate_dropped"] and table.loc[0, "kept_fires_more"] == 1.0
+    paths = write_analysis(analysis, tmp_path, num_images=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept_tokens.png", "kept_vs_dropped.csv", "rate_summary.png", "token_rates.png"
+    ]
+    assert paths["kept_tokens"].read_bytes()[:4] == b"\x89PNG"
