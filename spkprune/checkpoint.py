@@ -207,10 +207,10 @@ def build_model(ckpt: Checkpoint, arch: str | None = None) -> "nn.Module":
     if not arch:
         raise SpkpruneError(f"{where} carries no architecture (a plain state_dict); pass --arch PRESET")
     model = _model_for(arch, ckpt.meta.get("config") if ckpt.meta.get("arch") == arch else None)
-    if any(k.startswith(SELECTOR_PREFIX) for k in ckpt.state_dict):
-        selector = ckpt.meta.get("selector")
-        if not selector:
-            raise SpkpruneError(f"{where} has token_selectors.* weights but no selector configuration in its metadata")
+    selector = ckpt.meta.get("selector")
+    if any(k.startswith(SELECTOR_PREFIX) for k in ckpt.state_dict) and not selector:
+        raise SpkpruneError(f"{where} has token_selectors.* weights but no selector configuration in its metadata")
+    if selector:  # firing-rate and random selectors have no weights: their configuration alone brings them back
         from spkprune.models.selector import attach_selectors
 
         attach_selectors(model, selector)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.models import create_model
-from spkprune.selection import build_selected_model
+from spkprune.checkpoint import build_model
 from spkprune.store import Store
 
 ARCH = "spikformer-2-64-digits"
@@ -76,7 +76,7 @@ def test_firing_rate_selector_without_fine_tuning_is_stored_with_its_lineage(sto
     assert torch.equal(ckpt.masks["block.0.mlp.fc1_linear.weight"], source.masks["block.0.mlp.fc1_linear.weight"])
     for key, value in source.state_dict.items():  # no training: the backbone is bit-identical
         assert torch.equal(ckpt.state_dict[key], value), key
-    model = build_selected_model(ckpt)
+    model = build_model(ckpt)
     assert sorted(model.token_selectors) == ["1", "2"]
 
 

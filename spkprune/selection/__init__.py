@@ -15,7 +15,6 @@ from spkprune.selection.analysis import (
 from spkprune.selection.finetune import (
     SelectionConfig,
     SelectionResult,
-    build_selected_model,
     finetune_config,
     kept_summary,
     select_tokens,
@@ -30,7 +29,6 @@ __all__ = [
     "TokenAnalysis",
     "analysis_model",
     "analyze_tokens",
-    "build_selected_model",
     "distillation_loss",
     "finetune_config",
     "keep_ratio_loss",

@@ -279,9 +279,9 @@ def analysis_model(ckpt, selector: dict | None = None) -> nn.Module:
     by default the training-free firing-rate scorer at keep 0.7. A learned scorer needs training first."""
     from spkprune.errors import SpkpruneError
     from spkprune.models.selector import attach_selectors
-    from spkprune.selection.finetune import build_selected_model
+    from spkprune.checkpoint import build_model
 
-    model = build_selected_model(ckpt)
+    model = build_model(ckpt)
     if len(model.token_selectors):
         return model
     selector = {"keep": 0.7, "scorer": "firing-rate", **(selector or {})}

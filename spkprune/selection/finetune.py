@@ -100,16 +100,6 @@ def finetune_config(source: Checkpoint, epochs: int | None = None, **overrides):
     return dataclasses.replace(base, **changes).validate()
 
 
-def build_selected_model(ckpt: Checkpoint) -> nn.Module:
-    """`build_model(ckpt)` with the selectors of `meta["selector"]` attached even when they have no weights
-    (firing-rate, random): `build_model` only attaches them when `token_selectors.*` keys are present."""
-    model = build_model(ckpt)
-    config = ckpt.meta.get("selector")
-    if config and not len(model.token_selectors):
-        attach_selectors(model, config)
-    return model
-
-
 def teacher_model(source: Checkpoint, teacher: Checkpoint | None = None) -> nn.Module:
     """The frozen teacher: `teacher` if given, else the source checkpoint with any token selector removed."""
     model = build_model(teacher if teacher is not None else source)
