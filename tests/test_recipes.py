@@ -6,6 +6,7 @@ import json
 import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -231,8 +232,9 @@ class FakeCommands:
             return json.dumps({"final": f"{opts['--name']}@round-{rounds}", "rows": rows, "plot": "p.png"})
         elif kind == "select-tokens":
             _save(store, opts["--name"], "main", 0.5, 0.93, selector={"keep": float(opts["--keep"])})
+            return json.dumps({"student_top1": 0.93, "rows": [{"block": 0, "tokens": 16}, {"block": 1, "tokens": 11}]})
         elif kind == "evaluate":
-            return json.dumps({"top1": 0.93, "top5": 1.0, "loss": 0.3})
+            return json.dumps({"top1": 0.93, "top5": 1.0, "loss": 0.3, "tokens_per_block": [16, 11]})
         elif kind == "flops":
             return json.dumps({"totals": {"dense_macs": 100, "nonzero_macs": 40, "sops": 7, "energy_mj": 2e-6},
                                "tokens_per_block": [16, 11], "num_tokens": 16})
@@ -268,8 +270,9 @@ def test_run_skips_finished_stages_and_stamps_the_recipe(tmp_path, monkeypatch):
         assert meta["recipe"] == recipe.resolved and meta["recipe_stage"]["recipe"] == "tiny", ref
     assert json.loads((tmp_path / "export" / "README.md").read_text()) == recipe.resolved
     frame = summary_frame(report).set_index("stage")
-    assert frame.loc["ticket", "top1"] == 0.9 and frame.loc["selected", "tokens kept"] == 0.7
-    assert frame.loc["flops", "MACs"] == 40 and frame.loc["flops", "tokens kept"] == pytest.approx(27 / 32)
+    assert frame.loc["ticket", "top1"] == 0.9 and frame.loc["selected", "tokens per block"] == "16, 11"
+    assert frame.loc["flops", "MACs"] == 40 and frame.loc["flops", "tokens per block"] == "16, 11"
+    assert frame.loc["evaluate", "tokens per block"] == "16, 11" and pd.isna(frame.loc["dense", "tokens per block"])
     assert frame.loc["evaluate", "top1"] == 0.93 and frame.loc["export", "size (bytes)"] > 10
     assert report.plots == ["p.png"]
     blobs = {a.ref: a.sha256 for a in store.list()}

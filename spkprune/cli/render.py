@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Iterable
 
@@ -27,6 +28,8 @@ def check_format(fmt: str, allowed: Iterable[str] = FORMATS) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)

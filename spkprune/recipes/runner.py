@@ -257,7 +257,7 @@ def collect_result(stage: Stage, store: Store, stdout: str) -> dict:
             result["top1"] = doc.get("student_top1", result["top1"])
             rows = doc.get("rows") or []
             if rows:
-                result["tokens"] = sum(row.get("fraction", 1.0) for row in rows) / len(rows)
+                result["tokens"] = _tokens_text(row.get("tokens") for row in rows)
             pictures = (doc.get("analysis") or {}).get("pictures") or {}
             if pictures:
                 result["plots"] = sorted(map(str, pictures.values()))
@@ -277,6 +277,7 @@ def collect_result(stage: Stage, store: Store, stdout: str) -> dict:
         doc = adapters.parse_json_output(stdout, "spkprune evaluate") or {}
         result = _input_result(source, store)
         result.update({key: _find(doc, key) for key in ("top1", "top5", "loss")})
+        result["tokens"] = _tokens_text(doc.get("tokens_per_block") if isinstance(doc, dict) else None)
         return result
     if kind == "flops":
         doc = adapters.parse_json_output(stdout, "spkprune flops report") or {}
@@ -323,16 +324,19 @@ def _input_result(source: str | None, store: Store) -> dict:
 
 def flops_result(doc: dict) -> dict:
     totals = doc.get("totals") or {}
-    tokens = doc.get("tokens_per_block") or []
-    num_tokens = doc.get("num_tokens")
-    kept = sum(tokens) / (len(tokens) * num_tokens) if tokens and num_tokens else None
     return {
         "dense_macs": totals.get("dense_macs"),
         "macs": totals.get("nonzero_macs"),
         "sops": totals.get("sops"),
         "energy_mj": totals.get("energy_mj"),
-        "tokens": kept,
+        "tokens": _tokens_text(doc.get("tokens_per_block")),
     }
+
+
+def _tokens_text(per_block) -> str | None:
+    """Tokens each block sees, as `16, 11` (None when not reported)."""
+    counts = [int(n) for n in (per_block or []) if n is not None]
+    return ", ".join(map(str, counts)) if counts else None
 
 
 def _find(doc: Any, key: str) -> Any:

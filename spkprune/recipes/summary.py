@@ -7,19 +7,13 @@ import pandas as pd
 from spkprune.recipes.runner import RunReport, StageOutcome
 
 COLUMNS = [
-    "stage", "type", "status", "artifact", "top1", "sparsity", "tokens kept", "MACs", "SOPs", "energy (mJ)",
+    "stage", "type", "status", "artifact", "top1", "sparsity", "tokens per block", "MACs", "SOPs", "energy (mJ)",
     "size (bytes)", "seconds",
 ]
 
 
 def _status(outcome: StageOutcome) -> str:
     return {"skip": "skipped", "run": "ran", "resume": "resumed"}.get(outcome.action, outcome.action)
-
-
-def _tokens(result: dict):
-    if result.get("tokens") is not None:
-        return result["tokens"]
-    return result.get("keep")
 
 
 def summary_frame(report: RunReport) -> pd.DataFrame:
@@ -33,7 +27,7 @@ def summary_frame(report: RunReport) -> pd.DataFrame:
             "artifact": result.get("ref") or outcome.output,
             "top1": result.get("top1"),
             "sparsity": result.get("sparsity"),
-            "tokens kept": _tokens(result),
+            "tokens per block": result.get("tokens"),
             "MACs": result.get("macs"),
             "SOPs": result.get("sops"),
             "energy (mJ)": result.get("energy_mj"),
