@@ -25,7 +25,7 @@ MASKS_FORMAT = "spkprune.masks"
 FORMAT_VERSION = "1"
 BITORDER = "little"  # np.packbits bit order of every stored mask: element i is bit (i % 8) of byte i // 8
 VALUE_DTYPES = ("float32", "float16")
-CODECS = ("raw", "shuffle-zlib")
+CODECS = ("raw", "shuffle-zlib", "shuffle-xz")
 
 NP_DTYPES = {
     "float64": np.float64, "float32": np.float32, "float16": np.float16,

@@ -92,12 +92,22 @@ def export_checkpoint(
             lineage=_lineage(ref, store), hub_ref=hub_ref,
         )
         (tmp / CARD_FILE).write_text(card)
+        _ordinary_permissions(tmp)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sparsity = (ckpt.meta.get("sparsity") or {}).get("prunable")
     return ExportResult(out, fmt, dtype, folder_files(out), sparsity, _dense_float32_bytes(ckpt.state_dict))
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """The export is for sharing: give the temp folder (0700) and its files the modes the user's umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _swap_in(new: Path, out: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import lzma
 import math
 import zlib
 from pathlib import Path
@@ -51,6 +52,9 @@ from spkprune.export.common import (
 ENCODINGS = ("dense", "bitmask", "csr")
 # Meta entries that are not copied into the weights file: the flops report lives in the model card.
 _META_LEFT_OUT = ("flops",)
+# Meta entries stored as fields of their own (`config` holds arch, config and selector); `meta` holds the rest.
+_META_FIELDS = ("sparsity", "metrics", "recipe")
+_CONFIG_KEYS = ("arch", "config", "selector")
 
 
 def shuffle_bytes(array: np.ndarray) -> bytes:
@@ -65,13 +69,21 @@ def unshuffle_bytes(data: bytes, dtype, count: int) -> np.ndarray:
     return planes.T.copy().view(np.dtype(dtype).newbyteorder("<")).reshape(count).astype(dtype)
 
 
+_COMPRESSORS = {
+    "shuffle-zlib": lambda data: zlib.compress(data, 9),
+    "shuffle-xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME),
+}
+_DECOMPRESSORS = {"shuffle-zlib": zlib.decompress, "shuffle-xz": lzma.decompress}
+
+
 def encode_section(array: np.ndarray) -> tuple[dict, np.ndarray]:
-    """(section entry, stored array): raw, or shuffle-zlib bytes when that is smaller."""
+    """(section entry, stored array): raw, or the smallest of the byte-shuffled zlib / xz streams."""
     array = np.ascontiguousarray(array.reshape(-1))
     entry = {"dtype": array.dtype.name, "count": int(array.size)}
-    packed = zlib.compress(shuffle_bytes(array), 9)
+    shuffled = shuffle_bytes(array)
+    codec, packed = min(((c, compress(shuffled)) for c, compress in _COMPRESSORS.items()), key=lambda c: len(c[1]))
     if len(packed) < array.nbytes:
-        return {**entry, "codec": "shuffle-zlib"}, np.frombuffer(packed, dtype=np.uint8)
+        return {**entry, "codec": codec}, np.frombuffer(packed, dtype=np.uint8)
     return {**entry, "codec": "raw"}, array
 
 
@@ -87,8 +99,8 @@ def decode_section(path: Path, name: str, entry: Any, stored: np.ndarray) -> np.
             raise corrupt(path, f"section {name!r} holds {stored.size} {stored.dtype}, expected {count} {dtype.__name__}")
         return stored.reshape(-1)
     try:
-        data = zlib.decompress(stored.tobytes())
-    except zlib.error:
+        data = _DECOMPRESSORS[codec](stored.tobytes())
+    except (zlib.error, lzma.LZMAError):
         raise corrupt(path, f"section {name!r} does not decompress") from None
     if len(data) != count * np.dtype(dtype).itemsize:
         raise corrupt(path, f"section {name!r} decompresses to {len(data)} bytes, not {count} {dtype.__name__}")
@@ -180,8 +192,9 @@ def _pack_table(table: list) -> str:
 
 
 def _metadata(meta: Mapping[str, Any], masks: Mapping[str, torch.Tensor], dtype: str) -> dict[str, str]:
-    config = {"arch": meta.get("arch"), "config": meta.get("config"), "selector": meta.get("selector")}
-    kept_meta = {k: v for k, v in jsonable(meta).items() if k not in _META_LEFT_OUT}
+    config = {key: meta.get(key) for key in _CONFIG_KEYS}
+    left_out = (*_META_LEFT_OUT, *_META_FIELDS, *_CONFIG_KEYS)
+    kept_meta = {k: v for k, v in jsonable(meta).items() if k not in left_out}
     return {
         "format": SPARSE_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -265,6 +278,22 @@ def _read_tensor(reader: _Reader, row: Any) -> tuple[str, np.ndarray, np.ndarray
     return key, dense.reshape(shape), keep.reshape(shape)
 
 
+def _full_meta(path: Path, metadata: Mapping[str, str]) -> dict:
+    """The checkpoint metadata: `meta` plus the entries that have fields of their own."""
+    meta = json_field(path, metadata, "meta")
+    config = json_field(path, metadata, "config")
+    if not isinstance(meta, dict) or not isinstance(config, dict):
+        raise corrupt(path, "its meta and config fields must be JSON objects")
+    for key in _CONFIG_KEYS:
+        if config.get(key) is not None:
+            meta[key] = config[key]
+    for key in _META_FIELDS:
+        value = json_field(path, metadata, key) if key in metadata else None
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
 def _unpack_table(path: Path, text: str | None) -> list:
     try:
         table = json.loads(zlib.decompress(base64.b64decode(text or "", validate=True)))
@@ -287,7 +316,7 @@ def read_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, to
         if not isinstance(entries, dict) or set(handle.keys()) != set(entries):
             raise corrupt(path, f"stored tensors {sorted(handle.keys())} do not match the sections listed")
         sections = {name: decode_section(path, name, entry, handle.get_tensor(name)) for name, entry in entries.items()}
-    meta = json_field(path, metadata, "meta")
+    meta = _full_meta(path, metadata)
     reader = _Reader(path, sections)
     state_dict, masks = {}, {}
     for row in _unpack_table(path, metadata.get("tensors")):
