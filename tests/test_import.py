@@ -194,3 +194,15 @@ def test_unknown_preset_and_existing_name_via_cli(tmp_path: Path, original_state
     assert_refused(cli_import(tmp_path, tmp_path / "w.pth"), r"bad@main already exists")
     assert [(a.ref, a.sha256, a.created) for a in store.list()] == before
     assert cli_import(tmp_path, tmp_path / "w.pth", "--overwrite").exit_code == 0
+
+
+def test_load_original_gives_a_state_dict_that_loads_strictly(tmp_path):
+    import spkprune
+
+    model = spkprune.create_model("spikformer-2-64-digits")
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3, "arch": "spikformer"}, path)
+    fresh = spkprune.create_model("spikformer-2-64-digits")
+    fresh.load_state_dict(spkprune.load_original(path), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
