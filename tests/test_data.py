@@ -193,3 +193,33 @@ def test_missing_dvs_data_never_downloads(tmp_path, name):
         get_dataset(name, "train", data_dir=tmp_path / "nope", timesteps=4)
     with pytest.raises(SpkpruneError, match="needs --data-dir"):
         get_dataset(name, "train", timesteps=4)
+
+
+def test_imagenet_reads_a_local_image_folder(tmp_path):
+    from PIL import Image
+
+    from spkprune.data import dataset_info, get_dataset
+
+    for split in ("train", "val"):
+        for wnid, colour in (("n01440764", (255, 0, 0)), ("n01443537", (0, 0, 255))):
+            folder = tmp_path / split / wnid
+            folder.mkdir(parents=True)
+            Image.new("RGB", (40, 30), colour).save(folder / "a.JPEG", format="JPEG")
+    test = get_dataset("imagenet", "test", tmp_path)
+    image, label = test[1]
+    assert image.shape == (3, 224, 224) and label == 1 and dataset_info("imagenet").num_classes == 1000
+    assert image[2].mean() > image[0].mean()  # the blue class: normalised blue above red
+    train = get_dataset("imagenet", "train", tmp_path, augment=True)
+    assert train[0][0].shape == (3, 224, 224) and len(train) == 2
+
+
+def test_imagenet_without_its_folders_says_where_to_put_them(tmp_path):
+    import pytest as _pytest
+
+    from spkprune.data import get_dataset
+    from spkprune.errors import SpkpruneError
+
+    with _pytest.raises(SpkpruneError, match="ImageFolder layout"):
+        get_dataset("imagenet", "train", tmp_path)
+    with _pytest.raises(SpkpruneError, match="--data-dir"):
+        get_dataset("imagenet", "train", None)

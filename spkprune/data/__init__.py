@@ -33,6 +33,10 @@ def get_dataset(
         from spkprune.data.cifar import CifarDataset
 
         return CifarDataset(name, split, data_dir, augment=augment)
+    if name == "imagenet":
+        from spkprune.data.imagenet import imagenet_dataset
+
+        return imagenet_dataset(split, data_dir, info.img_size, augment=augment)
     from spkprune.data.dvs import EventFramesDataset
 
     return EventFramesDataset(

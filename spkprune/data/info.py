@@ -24,6 +24,7 @@ _INFO = {
     "cifar100": DatasetInfo("cifar100", 100, 3, 32, False, "spikformer-4-384-cifar100", 4),
     "cifar10-dvs": DatasetInfo("cifar10-dvs", 10, 2, 128, True, "spikformer-2-256-cifar10dvs", 16),
     "dvs128-gesture": DatasetInfo("dvs128-gesture", 11, 2, 128, True, "spikformer-2-256-dvs128", 16),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, False, "spikformer-8-512-imagenet", 4),
 }
 
 
