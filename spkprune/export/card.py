@@ -96,16 +96,26 @@ def _rounds_section(meta: Mapping[str, Any], lineage: Sequence[Mapping[str, Any]
     return "## Lineage, round by round\n\n" + table + "\n"
 
 
+# The store keeps metadata with sorted keys; the card shows the report's columns in reading order.
+_FLOPS_COLUMNS = ("layer", "kind", "block", "tokens", "op", "weight_sparsity", "firing_rate", "dense_macs",
+                  "nonzero_macs", "sops", "energy_pj")
+_TOTALS_COLUMNS = ("dense_macs", "nonzero_macs", "macs", "sops", "energy_mj", "lif_updates")
+
+
+def _ordered(keys: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    return [k for k in preferred if k in keys] + [k for k in keys if k not in preferred]
+
+
 def _flops_section(flops: Any) -> str:
     if not isinstance(flops, Mapping):
         return ""
     parts = ["## Operations and energy\n"]
     rows = flops.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, Mapping) for r in rows):
-        parts.append(markdown_table(rows))
+        parts.append(markdown_table(rows, _ordered(list(rows[0]), _FLOPS_COLUMNS)))
     totals = flops.get("totals")
     if isinstance(totals, Mapping) and totals:
-        parts.append("\n**Totals**\n\n" + markdown_table([dict(totals)]))
+        parts.append("\n**Totals**\n\n" + markdown_table([dict(totals)], _ordered(list(totals), _TOTALS_COLUMNS)))
     notes = {k: v for k, v in flops.items() if k not in ("rows", "totals")}
     if notes:
         parts.append("\n" + "\n".join(f"- {k}: {_cell(v)}" for k, v in notes.items()))
