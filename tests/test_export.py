@@ -299,7 +299,7 @@ def test_size_targets_for_a_90_percent_digits_ticket(tmp_path, ticket):
 def test_model_card_front_matter_parses(ticket):
     lineage = [{"ref": "t@main", "meta": {"sparsity": {"prunable": 0.0}, "metrics": {"top1": 0.9}}},
                {"ref": "t@round-1", "meta": ticket.meta}]
-    flops = {"rows": [{"layer": "patch_embed.proj_conv", "macs": 5184, "sops": 812.5}],
+    flops = {"rows": [{"layer": "patch_embed.proj_conv", "sops": 812.5, "dense_macs": 5184}],
              "totals": {"macs": 5184, "sops": 812.5, "energy_mj": 0.001}}
     meta = {**ticket.meta, "flops": flops, "selector": {"keep": 0.7, "locations": [1]}}
     card = model_card(meta, name="digits-ticket", fmt="sparse", dtype="float32", has_masks=True, lineage=lineage,
