@@ -19,12 +19,7 @@ CIFAR = "spikformer-4-384-cifar10"
 DIGITS = "spikformer-2-64-digits"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

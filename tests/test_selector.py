@@ -22,12 +22,7 @@ from spkprune.models.selector import (
 SCORERS = ("learned", "firing-rate", "random")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lively(model, images):
