@@ -139,3 +139,43 @@ def test_spike_packing_hooks_can_be_switched_off():
 def test_unknown_backend_is_a_user_error():
     with pytest.raises(SpkpruneError, match="unknown neuron backend 'fast'; choose one of: spikingjelly, lean"):
         fastpath.set_neuron_backend(spkprune.create_model("spikformer-2-64-digits"), "fast")
+
+
+def test_compiled_neurons_give_the_fixture_spikes_exactly():
+    """`prepare_for_inference(compile=True)`: every neuron runs one fused torch.compile kernel; same spikes, logits."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import spkprune
+    from spkprune.models.fastpath import prepare_for_inference
+
+    fixtures = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "spikformer-small"
+    golden = load_file(fixtures / "golden_small.safetensors")
+    activations = load_file(fixtures / "golden_small_activations.safetensors")
+    model = spkprune.create_model("spikformer-4-384-cifar10", embed_dim=64, num_heads=4, depth=1, timesteps=2)
+    model.load_state_dict({k: v for k, v in golden.items() if not k.startswith("__")})
+    fast = prepare_for_inference(model, compile=True)
+    sites = fast.neuron_sites()
+    assert {site.backend for site in sites.values()} == {"compiled"}
+    for site in sites.values():
+        site.record = True
+    with torch.inference_mode():
+        logits = fast(golden["__input__"])
+    for name, site in sites.items():
+        assert torch.equal(site.last_spikes.to(torch.uint8), activations[f"__spikes__.{name}"]), name
+    torch.testing.assert_close(logits, golden["__logits__"], atol=1e-5, rtol=0)
+
+
+def test_compiled_backend_falls_back_to_lean_where_gradients_are_needed():
+    from spkprune.models.neurons import LIF
+
+    site = LIF()
+    site.backend = "compiled"
+    x = (torch.randn(3, 2, 5) * 2).requires_grad_()
+    site(x).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    plain = LIF()
+    plain.backend = "spikingjelly"
+    plain(reference).sum().backward()
+    assert torch.equal(x.grad, reference.grad)

@@ -5,8 +5,8 @@
   bool for the backward pass (spikes are exactly 0/1, so nothing changes numerically).
 - `fold_batchnorm(model)`: an eval-only copy whose BatchNorms are folded into the preceding conv / linear (computed
   in float64, then cast), whose token projections skip the transposes the BatchNorm needed.
-- `prepare_for_inference(model, fold_bn=True, compile=False)`: eval mode, lean neurons, optional folding and
-  `torch.compile`. Run the result under `torch.inference_mode()`.
+- `prepare_for_inference(model, fold_bn=True, compile=False)`: eval mode, lean neurons (with `compile`, one fused
+  `torch.compile` kernel for every neuron), optional folding. Run the result under `torch.inference_mode()`.
 
 Folding changes float rounding (one product `(W * g) x` instead of `g * (W x)`), so a pre-activation that lands within
 a few ulps of a threshold can fire on one path and not the other. `spike_mismatches` measures this; the tests and
@@ -157,11 +157,12 @@ def _copy_without_graph(model: nn.Module) -> nn.Module:
 
 def prepare_for_inference(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
     """An eval-mode model for fast inference: lean neurons, BatchNorm folded (a copy) unless `fold_bn=False` (then
-    `model` itself, switched to eval), optionally compiled. Call it under `torch.inference_mode()`."""
+    `model` itself, switched to eval). `compile=True` runs every neuron through one fused `torch.compile` kernel
+    (same spikes; about 10 s to compile once per process). Call the result under `torch.inference_mode()`."""
     fast = fold_batchnorm(model) if fold_bn else model.eval()
-    set_neuron_backend(fast, "lean")
+    set_neuron_backend(fast, "compiled" if compile else "lean")
     enable_spike_packing(fast, False)
-    return _compile(fast) if compile else fast
+    return fast
 
 
 def _compile(model: nn.Module) -> nn.Module:
