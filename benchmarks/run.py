@@ -36,6 +36,7 @@ TARGETS = {  # name: (measured key, comparison, bound)
     "eval speed-up vs plain (4-384, dense)": ("eval_speedup", ">=", 2.0),
     "eval throughput keep 0.7 / keep 1.0": ("keep07_gain", ">=", 1.2),
     "mask overhead per training step": ("mask_overhead", "<", 0.05),
+    "eval speed-up vs plain with --compile (4-384, dense)": ("eval_speedup_compiled", ">=", 2.0),
 }
 
 
@@ -43,10 +44,10 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dict:
+def train_throughput(preset: str, batch: int, repeats: int) -> dict:
+    # No compiled training case: compiling the whole training graph did not finish in 500 s on a 2-core CPU, and the
+    # compiled neuron kernel is inference-only.
     steps = {path: cases.training_setup(preset, batch, path) for path in cases.PATHS}
-    if compile:
-        steps["fast compiled"] = cases.training_setup(preset, batch, "fast", compile=True)
     times = interleaved(steps, warmup=1, repeats=repeats)
     rows = [{"path": name, "images_per_s": batch / median(t), "step_s": median(t)} for name, t in times.items()]
     return {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast"])}
@@ -76,8 +77,11 @@ def eval_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dic
     passes = cases.eval_setups(preset, batch, KEEPS, compile=compile)
     times = interleaved(passes, warmup=1, repeats=repeats)
     rows = [{"path": name, "images_per_s": batch / median(t)} for name, t in times.items()]
-    return {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast keep 1.0"]),
-            "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"])}
+    result = {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast keep 1.0"]),
+              "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"])}
+    if compile:
+        result["compiled_speedup"] = paired_ratio(times["plain"], times["fast keep 1.0 compiled"])
+    return result
 
 
 def run(quick: bool, compile: bool) -> dict:
@@ -85,9 +89,9 @@ def run(quick: bool, compile: bool) -> dict:
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "settings": p, "compile": compile}
     log(f"training {TRAIN_PRESET} batch {p['train_batch']} ...")
-    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"], compile)
+    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"])
     log(f"training {DIGITS_PRESET} batch {p['digits_batch']} ...")
-    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"], False)
+    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"])
     log("peak training memory (fresh processes) ...")
     results["memory"] = train_memory(TRAIN_PRESET, p["train_batch"], p["memory_steps"])
     results["memory_digits"] = train_memory(DIGITS_PRESET, p["digits_batch"], p["memory_steps"])
@@ -108,6 +112,8 @@ def run(quick: bool, compile: bool) -> dict:
         "keep07_gain": results["eval"]["keep07_gain"],
         "mask_overhead": results["masks"]["overhead"],
     }
+    if "compiled_speedup" in results["eval"]:
+        results["summary"]["eval_speedup_compiled"] = results["eval"]["compiled_speedup"]
     return results
 
 
@@ -151,7 +157,7 @@ def report(results: dict, command: str, seconds: float) -> str:
         "",
         _table(["target", "bound", "measured", "met"], [
             [name, f"{op} {bound:g}", f"{s[key]:.3f}", "yes" if _met(s[key], op, bound) else "**no**"]
-            for name, (key, op, bound) in TARGETS.items()
+            for name, (key, op, bound) in TARGETS.items() if key in s
         ]),
         "",
     ]

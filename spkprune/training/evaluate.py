@@ -55,6 +55,7 @@ def evaluate(
     record_firing: bool = True,
     device: torch.device | str | None = None,
     amp: bool = True,
+    compile: bool = False,
 ) -> dict:
     """`{"top1", "top5", "loss", "samples", "firing": {site: rate}}` over the whole data set (model in eval mode).
 
@@ -66,7 +67,8 @@ def evaluate(
     model = _unwrap(model)
     was_training = model.training
     # BatchNorm folded into its conv/linear on an eval-only copy: same spikes, less work (docs/performance.md).
-    fast = prepare_for_inference(model) if hasattr(model, "neuron_sites") else model.eval()
+    # With `compile`, every neuron runs one fused torch.compile kernel (same spikes, ~10 s to compile per process).
+    fast = prepare_for_inference(model, compile=compile) if hasattr(model, "neuron_sites") else model.eval()
     recorder = FiringRecorder(fast) if record_firing else None
     correct1 = correct5 = 0
     loss_sum, seen = 0.0, 0
@@ -105,6 +107,7 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    compile: bool = False,
 ) -> dict:
     """Load `ref` (store reference, file, folder or hf://), evaluate it on the test split of its data set.
 
@@ -134,7 +137,7 @@ def evaluate_checkpoint(
     check_compatible(model, dataset)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps)
-    metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device)
+    metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device, compile=compile)
     tokens = None
     if len(getattr(model, "token_selectors", {})) > 0:
         from spkprune.models.selector import tokens_per_block
