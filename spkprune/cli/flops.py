@@ -64,8 +64,7 @@ def report(
     if source == "preset" and dataset:
         result["notes"].append("preset with freshly initialised weights: firing rates are not a trained model's")
     if stored and save is not False:
-        if not attach_report(store, store.resolve(ref).ref, result):
-            stderr.print("note: the report was not stored: this store cannot update metadata yet (Store.update_meta)")
+        attach_report(store, store.resolve(ref).ref, result)
     _render(result, rows_by_block(result["rows"]) if by == "block" else result["rows"], fmt)
 
 

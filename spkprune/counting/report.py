@@ -275,14 +275,6 @@ def rows_by_block(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------- store
-def attach_report(store, ref: str, report: dict) -> bool:
-    """Store `report` in the artifact's `meta["flops"]`; False when the store cannot update metadata in place yet.
-
-    Waits on `Store.update_meta(ref, key, value)` (asked of the store package): the report is never written beside
-    the blob, so the store stays the single source of truth.
-    """
-    update = getattr(store, "update_meta", None)
-    if update is None:
-        return False
-    update(ref, "flops", report)
-    return True
+def attach_report(store, ref: str, report: dict) -> None:
+    """Store `report` with the checkpoint, in its `meta["flops"]` (export puts it in the model card)."""
+    store.update_meta(ref, "flops", report)

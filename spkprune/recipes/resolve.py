@@ -425,7 +425,7 @@ class _Resolver:
             if key == "type":
                 continue
             if key in stype.managed:
-                raise self.fail(f"{base}.{key}", f"is set by the runner (spkprune run resumes and formats by itself); remove it")
+                raise self.fail(f"{base}.{key}", "is set by the runner (spkprune run resumes and formats by itself); remove it")
             if key not in stype.options:
                 raise self.fail(
                     f"{base}.{key}",

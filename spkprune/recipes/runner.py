@@ -204,23 +204,15 @@ def _stamp_artifacts(recipe: Recipe, stage: Stage, store: Store) -> None:
     """Write the resolved recipe into every checkpoint the stage produced (meta["recipe"], meta["recipe_stage"])."""
     if not stage.artifact:
         return
-    from spkprune.checkpoint import load_artifact, save_checkpoint
-
     mark = {"recipe": recipe.name, "stage": stage.name, "hash": stage.hash,
             "file": str(recipe.path) if recipe.path else None}
-    update_meta = getattr(store, "update_meta", None)
     for art in store.list(stage.artifact):
         if art.kind != "checkpoint" or not _stamped_tag(art.tag):
             continue
         if art.meta.get("recipe_stage") == mark and art.meta.get("recipe") == recipe.resolved:
             continue
-        if update_meta is not None:
-            update_meta(art.ref, "recipe", recipe.resolved)
-            update_meta(art.ref, "recipe_stage", mark)
-            continue
-        ckpt = load_artifact(store, art)
-        ckpt.meta = {**ckpt.meta, "recipe": recipe.resolved, "recipe_stage": mark}
-        save_checkpoint(store, art.name, art.tag, ckpt, parent=art.parent, replace=True, kind=art.kind)
+        store.update_meta(art.ref, "recipe", recipe.resolved)
+        store.update_meta(art.ref, "recipe_stage", mark)
 
 
 def _stamped_tag(tag: str) -> bool:
