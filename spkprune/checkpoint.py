@@ -50,13 +50,22 @@ class Checkpoint:
 
     def validate(self) -> None:
         """ValueError unless every mask is bool, names a tensor of the state_dict and has its shape."""
+        problem = mask_mismatch(self.masks, self.state_dict)
+        if problem:
+            raise ValueError(problem)
         for key, mask in self.masks.items():
-            if key not in self.state_dict:
-                raise ValueError(f"mask {key!r} has no tensor in the state_dict")
             if mask.dtype != torch.bool:
                 raise ValueError(f"mask {key!r} must be torch.bool, got {mask.dtype}")
-            if tuple(mask.shape) != tuple(self.state_dict[key].shape):
-                raise ValueError(f"mask {key!r} has shape {list(mask.shape)}, its weight {list(self.state_dict[key].shape)}")
+
+
+def mask_mismatch(masks: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first mask that names no tensor of `tensors` or has another shape, as a message; None when all fit."""
+    for key, mask in masks.items():
+        if key not in tensors:
+            return f"mask {key!r} matches no weight of the model"
+        if tuple(mask.shape) != tuple(tensors[key].shape):
+            return f"mask {key!r} has shape {list(mask.shape)}, its weight {list(tensors[key].shape)}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- blob format

@@ -69,13 +69,14 @@ def canonical_weights(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str
     A pruned weight that is not zero means the checkpoint's weights and mask disagree; exporting it would
     change the model depending on the format, so it is refused.
     """
+    from spkprune.checkpoint import mask_mismatch
+
     out = {key: value.detach().cpu() for key, value in state_dict.items()}
+    problem = mask_mismatch(masks, out)
+    if problem:
+        raise SpkpruneError(f"the checkpoint is inconsistent: {problem}")
     for key, mask in masks.items():
-        if key not in out:
-            raise SpkpruneError(f"mask for {key!r} has no weight in the checkpoint; the checkpoint is inconsistent")
         weight = out[key]
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise SpkpruneError(f"mask for {key!r} has shape {tuple(mask.shape)} but the weight has {tuple(weight.shape)}")
         keep = mask.detach().cpu().to(torch.bool)
         if bool((weight[~keep] != 0).any()):
             raise SpkpruneError(

@@ -21,15 +21,16 @@ class MaskEnforcer:
     """`masks` maps parameter names (state_dict keys) to bool tensors; True = kept, False = pruned."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, masks: dict[str, torch.Tensor]):
+        from spkprune.checkpoint import mask_mismatch
+
         params = dict(_unwrap(model).named_parameters())
         self.optimizer = optimizer
+        problem = mask_mismatch(masks, params)
+        if problem:
+            raise SpkpruneError(problem)
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
-            if name not in params:
-                raise SpkpruneError(f"mask for {name!r} matches no parameter of the model")
             param = params[name]
-            if tuple(mask.shape) != tuple(param.shape):
-                raise SpkpruneError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(param.shape)}")
             self.pairs.append((param, mask.to(device=param.device, dtype=torch.bool)))
 
     def __bool__(self) -> bool:
