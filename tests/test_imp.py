@@ -326,3 +326,25 @@ def test_torchrun_shares_one_mask_and_checks_its_checksum(source_store, tmp_path
     ticket = load_checkpoint("d@round-1", store)
     assert M.mask_checksum(ticket.masks) == M.mask_checksum(expected) == doc["final_mask_sha256"]
     assert [a.tag for a in store.list("d")] == ["round-0", "round-1"]
+
+
+def test_a_checkpoint_with_a_token_selector_rewinds_through_its_parent_and_keeps_the_selector_dense(store):
+    """A selector fine-tune has no @init of its own: imp rewinds the backbone to its parent's, and never prunes the
+    selector's weights."""
+    from spkprune.checkpoint import build_model
+    from spkprune.models.selector import attach_selectors, selector_config
+
+    source = load_checkpoint("src", store)
+    model = attach_selectors(build_model(source), {"keep": 0.7, "scorer": "learned"})
+    meta = {**source.meta, "selector": selector_config(model)}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(store, "sel", "main", Checkpoint(weights, {}, meta), parent="src@main")
+
+    run_imp(store, "sel", "t", ImpSettings(rounds=1, target=0.5, epochs_per_round=1), progress=False)
+    ticket = load_checkpoint("t@round-1", store)
+    selector_keys = [k for k in ticket.state_dict if k.startswith("token_selectors.")]
+    assert selector_keys and not any(k.startswith("token_selectors.") for k in ticket.masks)
+    assert all(bool((ticket.state_dict[k] != 0).all()) for k in selector_keys if k.endswith("weight"))
+    prunable = sum(m.numel() for m in ticket.masks.values())
+    assert M.count_pruned(ticket.masks) == round(0.5 * prunable)
+    assert build_model(ticket).token_selectors  # the ticket still carries its selector

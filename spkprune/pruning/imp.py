@@ -183,13 +183,24 @@ def _iters_per_epoch(cfg: TrainConfig, timesteps: int) -> int:
     return len(make_loader(data, cfg.batch_size, train=True, seed=cfg.seed))
 
 
+def _rewind_artifact(store: Store, src: _Source, tag: str) -> Artifact | None:
+    """NAME@TAG of the source, else of its nearest ancestor that has it: a checkpoint fine-tuned from a trained model
+    (e.g. with a token selector) rewinds to the weights of the training run it came from."""
+    ancestors, _ = store.lineage(src.art)
+    for art in [src.art, *ancestors]:
+        found = store.get(art.name, tag)
+        if found is not None:
+            return found
+    return None
+
+
 def _resolve_rewind(store: Store, src: _Source, spec: str, model_keys: list[str]) -> _Rewind:
     kind, k = parse_rewind(spec)
     name = src.art.name
     tag = {"init": "init", "epoch": f"epoch-{k}", "iter": f"iter-{k}"}[kind]
     if kind == "epoch" and k > src.train.total_epochs:
         raise SpkpruneError(f"--rewind {spec}: {name} trained for only {src.train.total_epochs} epochs")
-    art = store.get(name, tag)
+    art = _rewind_artifact(store, src, tag)
     if art is None:
         what = {"init": "the initial weights", "epoch": f"the weights after epoch {k}", "iter": f"iteration {k}"}
         hint = "" if kind == "iter" else "; re-train it with `spkprune train` (which keeps them)"
@@ -198,7 +209,10 @@ def _resolve_rewind(store: Store, src: _Source, spec: str, model_keys: list[str]
             f"{', '.join(store.tags(name))}"
         )
     ckpt = load_artifact(store, art)
+    # A token selector added after the rewind point is not rewound (nor pruned): it keeps its trained weights.
+    selector_keys = [key for key in model_keys if key.startswith("token_selectors.") and key not in ckpt.state_dict]
     state = {key: ckpt.state_dict[key] for key in model_keys if key in ckpt.state_dict}
+    state.update({key: src.ckpt.state_dict[key] for key in selector_keys})
     missing = [key for key in model_keys if key not in state]
     if missing:
         raise SpkpruneError(f"rewind point {art.ref} lacks weights of the model: {', '.join(missing[:3])}")
