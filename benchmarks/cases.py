@@ -14,6 +14,7 @@ import spkprune
 from spkprune.models import fastpath
 
 PATHS = ("plain", "fast")
+COMPILED_PATH = "fast compiled"  # the fast path with its fused kernels through torch.compile
 
 
 def make_model(preset: str, seed: int = 0):
@@ -59,17 +60,36 @@ class TrainStep:
         self.masks.apply()
 
 
-def training_net(model, path: str, compile: bool = False):
+def training_net(model, path: str):
+    """`plain`: spikingjelly's LIF and separate BatchNorms in the original code's layout; `fast`: lean LIF, fused
+    BatchNorm + LIF, bool spike packing; `fast compiled`: the same with the fused kernels through torch.compile."""
     model.train()
     if path == "plain":
-        return fastpath.prepare_for_training(model, backend="spikingjelly", pack_spikes=False, compile=compile)
-    return fastpath.prepare_for_training(model, backend="lean", pack_spikes=True, compile=compile)
+        return fastpath.prepare_for_training(model, backend="spikingjelly", pack_spikes=False)
+    return fastpath.prepare_for_training(model, backend="lean", pack_spikes=True, compile=path == COMPILED_PATH)
 
 
-def training_setup(preset: str, batch: int, path: str, masks: dict | None = None, compile: bool = False) -> TrainStep:
+def training_setup(preset: str, batch: int, path: str, masks: dict | None = None) -> TrainStep:
     model = make_model(preset)
     images, targets = batch_for(model, batch)
-    return TrainStep(model, training_net(model, path, compile), images, targets, masks)
+    return TrainStep(model, training_net(model, path), images, targets, masks)
+
+
+# ---- where the time goes ----------------------------------------------------------------------------------------------
+
+DENSE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def dense_share(fn) -> float:
+    """Fraction of `fn()`'s CPU time spent in dense matrix products and convolutions (one profiled call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS)
+    return dense / total if total else float("nan")
 
 
 def magnitude_masks(model, sparsity: float) -> dict[str, torch.Tensor]:

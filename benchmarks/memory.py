@@ -1,4 +1,5 @@
-"""Peak memory of training steps, measured in a fresh process: `python -m benchmarks.memory PRESET BATCH PATH`.
+"""Peak memory of training steps, measured in a fresh process: `python -m benchmarks.memory PRESET BATCH PATH [STEPS]`
+(PATH: plain, fast or "fast compiled").
 
 Prints one JSON line: `base_mb` (max RSS once model, optimizer state and data exist), `peak_mb` (max RSS after the
 training steps) and `step_mb` (their difference: what the steps needed on top: activations saved for backward,
@@ -27,11 +28,21 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def warm_up(step) -> None:
+    """Forward and backward on two images, so that one-off costs (imports, torch.compile of the fused kernels: two
+    images, since size-1 dimensions would be specialised) land in the baseline and not in the step, for every path."""
+    import torch.nn.functional as F
+
+    F.cross_entropy(step.net(step.images[:2]), step.targets[:2]).backward()
+    step.model.zero_grad(set_to_none=True)
+
+
 def main(argv: list[str]) -> None:
     from benchmarks.cases import training_setup
 
     preset, batch, path, steps = argv[0], int(argv[1]), argv[2], int(argv[3]) if len(argv) > 3 else 2
     step = training_setup(preset, batch, path)
+    warm_up(step)
     step.prime()  # optimizer state exists before the baseline is read
     base = max_rss_mb()
     for _ in range(steps):

@@ -36,6 +36,8 @@ TARGETS = {  # name: (measured key, comparison, bound)
     "eval speed-up vs plain (4-384, dense)": ("eval_speedup", ">=", 2.0),
     "eval throughput keep 0.7 / keep 1.0": ("keep07_gain", ">=", 1.2),
     "mask overhead per training step": ("mask_overhead", "<", 0.05),
+    "training step speed-up vs plain with --compile (4-384)": ("train_speedup_compiled", ">=", 1.5),
+    "peak training memory vs plain with --compile (4-384)": ("train_memory_ratio_compiled", "<=", 0.5),
     "eval speed-up vs plain with --compile (4-384, dense)": ("eval_speedup_compiled", ">=", 2.0),
 }
 
@@ -44,18 +46,25 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_throughput(preset: str, batch: int, repeats: int) -> dict:
-    # No compiled training case: compiling the whole training graph did not finish in 500 s on a 2-core CPU, and the
-    # compiled neuron kernel is inference-only.
-    steps = {path: cases.training_setup(preset, batch, path) for path in cases.PATHS}
+def training_paths(compile: bool) -> tuple[str, ...]:
+    return cases.PATHS + ((cases.COMPILED_PATH,) if compile else ())
+
+
+def train_throughput(preset: str, batch: int, repeats: int, compile: bool, profile: bool = False) -> dict:
+    steps = {path: cases.training_setup(preset, batch, path) for path in training_paths(compile)}
     times = interleaved(steps, warmup=1, repeats=repeats)
     rows = [{"path": name, "images_per_s": batch / median(t), "step_s": median(t)} for name, t in times.items()]
-    return {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast"])}
+    result = {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast"])}
+    if compile:
+        result["compiled_speedup"] = paired_ratio(times["plain"], times[cases.COMPILED_PATH])
+    if profile:
+        result["plain_dense_share"] = cases.dense_share(steps["plain"])
+    return result
 
 
-def train_memory(preset: str, batch: int, steps: int) -> dict[str, dict]:
+def train_memory(preset: str, batch: int, steps: int, compile: bool) -> dict[str, dict]:
     out = {}
-    for path in cases.PATHS:
+    for path in training_paths(compile):
         cmd = [sys.executable, "-m", "benchmarks.memory", preset, str(batch), path, str(steps)]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         out[path] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -78,7 +87,8 @@ def eval_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dic
     times = interleaved(passes, warmup=1, repeats=repeats)
     rows = [{"path": name, "images_per_s": batch / median(t)} for name, t in times.items()]
     result = {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast keep 1.0"]),
-              "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"])}
+              "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"]),
+              "plain_dense_share": cases.dense_share(passes["plain"])}
     if compile:
         result["compiled_speedup"] = paired_ratio(times["plain"], times["fast keep 1.0 compiled"])
     return result
@@ -89,12 +99,12 @@ def run(quick: bool, compile: bool) -> dict:
     torch.manual_seed(0)
     results: dict = {"machine": machine(), "settings": p, "compile": compile}
     log(f"training {TRAIN_PRESET} batch {p['train_batch']} ...")
-    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"])
+    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"], compile, profile=True)
     log(f"training {DIGITS_PRESET} batch {p['digits_batch']} ...")
-    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"])
+    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"], compile)
     log("peak training memory (fresh processes) ...")
-    results["memory"] = train_memory(TRAIN_PRESET, p["train_batch"], p["memory_steps"])
-    results["memory_digits"] = train_memory(DIGITS_PRESET, p["digits_batch"], p["memory_steps"])
+    results["memory"] = train_memory(TRAIN_PRESET, p["train_batch"], p["memory_steps"], compile)
+    results["memory_digits"] = train_memory(DIGITS_PRESET, p["digits_batch"], p["memory_steps"], compile)
     log("mask overhead ...")
     results["masks"] = mask_overhead(DIGITS_PRESET if quick else TRAIN_PRESET,
                                      p["digits_batch"] if quick else p["train_batch"], p["mask_repeats"])
@@ -112,7 +122,10 @@ def run(quick: bool, compile: bool) -> dict:
         "keep07_gain": results["eval"]["keep07_gain"],
         "mask_overhead": results["masks"]["overhead"],
     }
-    if "compiled_speedup" in results["eval"]:
+    if compile:
+        results["summary"]["train_speedup_compiled"] = results["train"]["compiled_speedup"]
+        results["summary"]["train_memory_ratio_compiled"] = _ratio(
+            mem[cases.COMPILED_PATH]["step_mb"], mem["plain"]["step_mb"])
         results["summary"]["eval_speedup_compiled"] = results["eval"]["compiled_speedup"]
     return results
 
@@ -145,9 +158,11 @@ def report(results: dict, command: str, seconds: float) -> str:
         "",
         f"One run, {seconds:.0f} s. Medians over interleaved repeats (plain and fast alternate), after one warm-up "
         "each; ratios are medians of per-repeat ratios. *plain* = spikingjelly's `LIFNode` operator at every site, "
-        "BatchNorm modules, `torch.no_grad`; *fast* = the lean LIF with bool spike packing for training "
-        "(`prepare_for_training`), lean LIF + folded BatchNorm + `torch.inference_mode` for eval "
-        "(`prepare_for_inference`). See docs/performance.md for what each does.",
+        "separate BatchNorm modules in the original code's layout, `torch.no_grad`; *fast* = for training the lean "
+        "LIF, BatchNorm + LIF fused into one autograd function that keeps only the BatchNorm input, and bool spike "
+        "packing (`prepare_for_training`); *fast compiled* = the same with the fused kernels through "
+        "`torch.compile`; for eval the lean LIF + folded BatchNorm + `torch.inference_mode` (`prepare_for_inference`, "
+        "with `compile=True` one fused neuron kernel). See docs/performance.md for what each does.",
         "",
         "## Machine",
         "",
@@ -166,14 +181,20 @@ def report(results: dict, command: str, seconds: float) -> str:
         parts += [f"## Training step: {preset}, batch {batch}", "",
                   _table(["path", "images/s", "s/step"],
                          [[r["path"], f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}"] for r in results[key]["rows"]]),
-                  "", f"Speed-up fast / plain: **{results[key]['speedup']:.2f}x**", ""]
+                  "", f"Speed-up fast / plain: **{results[key]['speedup']:.2f}x**"
+                  + (f"; fast compiled / plain: **{results[key]['compiled_speedup']:.2f}x**"
+                     if "compiled_speedup" in results[key] else ""), ""]
+        if "plain_dense_share" in results[key]:
+            parts += [_ceiling(results[key]["plain_dense_share"], "step"), ""]
     for key, preset in (("memory", TRAIN_PRESET), ("memory_digits", DIGITS_PRESET)):
         m = results[key]
         parts += [f"## Peak training memory: {preset} (fresh process per path, max RSS)", "",
                   _table(["path", "baseline MB (model + optimizer)", "peak MB", "step MB (peak - baseline)"],
                          [[p, f"{v['base_mb']:.0f}", f"{v['peak_mb']:.0f}", f"{v['step_mb']:.0f}"] for p, v in m.items()]),
-                  "", f"Step memory fast / plain: **{_ratio(m['fast']['step_mb'], m['plain']['step_mb']):.2f}**; "
-                  f"peak RSS fast / plain: {m['fast']['peak_mb'] / m['plain']['peak_mb']:.2f}", ""]
+                  "", "; ".join(
+                      f"step memory {path} / plain: **{_ratio(m[path]['step_mb'], m['plain']['step_mb']):.2f}** "
+                      f"(peak RSS {m[path]['peak_mb'] / m['plain']['peak_mb']:.2f})" for path in m if path != "plain"
+                  ), ""]
     mk = results["masks"]
     parts += ["## Weight-mask overhead (fast path, 80% layer-wise magnitude masks, MaskEnforcer as in fit)", "",
               _table(["", "s/step"], [[k, f"{v:.3f}"] for k, v in mk["times"].items()]), "",
@@ -182,12 +203,19 @@ def report(results: dict, command: str, seconds: float) -> str:
     parts += [f"## Eval: {TRAIN_PRESET}, batch {results['settings']['eval_batch']}", "",
               _table(["path", "images/s"], [[r["path"], f"{r['images_per_s']:.2f}"] for r in ev["rows"]]), "",
               f"Speed-up fast / plain: **{ev['speedup']:.2f}x**; keep 0.7 / keep 1.0: **{ev['keep07_gain']:.2f}x** "
-              "(keep r = cumulative ratios r, r^2, r^3 before blocks 1, 2, 3; tokens gathered)", ""]
+              "(keep r = cumulative ratios r, r^2, r^3 before blocks 1, 2, 3; tokens gathered)", "",
+              _ceiling(ev["plain_dense_share"], "pass"), ""]
     parts += [f"## Export: {TRAIN_PRESET}, 80% layer-wise magnitude sparsity", "",
               _table(["format", "bytes", "MB", "load s (median)"],
                      [[r["format"], r["bytes"], f"{r['bytes'] / 1e6:.2f}", f"{r['load_s']:.3f}"]
                       for r in results["export"]]), ""]
     return "\n".join(parts)
+
+
+def _ceiling(share: float, what: str) -> str:
+    return (f"Dense matrix products and convolutions (float32, the same in every path) take {100 * share:.0f}% of "
+            f"the plain {what} (one profiled call): a path that made everything else free would be at most "
+            f"**{1 / share:.2f}x** faster than plain.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -341,6 +343,30 @@ def test_fine_tuning_a_ticket_keeps_its_masks_and_stores_the_selector():
     rebuilt = build_model(from_tensors(*to_tensors(ckpt), ref=None)).eval()
     images = torch.stack([test[i][0] for i in range(16)])
     assert torch.equal(rebuilt(images), result.model.cpu().eval()(images))
+
+
+def test_firing_rate_warm_start_ranks_like_firing_rate_and_samples_at_the_keep_ratio():
+    from spkprune.data import get_dataset
+    from spkprune.models.selector import selectors_of, warm_start_from_firing_rate
+
+    torch.manual_seed(0)
+    data = get_dataset("digits", "train")
+    images = torch.stack([data[i][0] for i in range(128)])
+    dense = create_model("spikformer-4-64-digits").eval()
+    learned = attach_selectors(copy.deepcopy(dense), {"keep": 0.7, "scorer": "learned"})
+    rate = attach_selectors(copy.deepcopy(dense), {"keep": 0.7, "scorer": "firing-rate"}).eval()
+    warm_start_from_firing_rate(learned, images)
+    learned.eval()
+    with torch.no_grad():
+        assert torch.equal(learned(images), rate(images))  # top-k of the keep score == top-k of the firing rate
+    for (loc, sel), ref in zip(selectors_of(learned).items(), selectors_of(rate).values()):
+        assert torch.equal(sel.last_mask, ref.last_mask), loc
+    # In training, Gumbel sampling keeps each selector's conditional ratio on average (0.7 of the present tokens).
+    learned.train()
+    with torch.no_grad():
+        learned(images)
+    kept = [float(sel.last_decision.mean()) for sel in selectors_of(learned).values()]
+    assert kept == pytest.approx([0.7, 0.49, 0.343], abs=0.05)
 
 
 def test_training_free_scorers_evaluate_without_fine_tuning():

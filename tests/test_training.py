@@ -120,6 +120,21 @@ def test_warmup_cosine_values():
     assert late.step_count == 40 and late.apply() == pytest.approx(sched.lr_at(40))
 
 
+def test_lr_scales_multiply_the_schedule_for_matching_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    groups = parameter_groups(model, 0.05, {"1.": 10.0, "1.0.bias": 3.0})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    scales = {name: by_param[id(p)]["lr_scale"] for name, p in model.named_parameters()}
+    assert scales == {"0.weight": 1.0, "0.bias": 1.0, "1.0.weight": 10.0, "1.0.bias": 3.0}  # longest prefix wins
+    assert by_param[id(model[1][0].weight)]["weight_decay"] == 0.05 and by_param[id(model[1][0].bias)]["weight_decay"] == 0
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    sched = WarmupCosine(opt, lr=0.2, min_lr=0.0, warmup_lr=0.0, warmup_iters=0, decay_iters=10)
+    sched.apply()
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.2, 0.2, 0.6, 2.0])
+    with pytest.raises(SpkpruneError, match="lr_scales must be positive"):
+        TrainConfig(lr_scales={"1.": 0.0}).validate()
+
+
 def test_parameter_groups_exempt_one_dimensional_parameters():
     model = create_model(PRESET)
     decay, no_decay = parameter_groups(model, 0.05)

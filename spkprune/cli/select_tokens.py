@@ -66,6 +66,9 @@ def select_tokens_command(
                                        "number of selectors, as in the reference code)."),
     distill_weight: float = typer.Option(0.5, "--distill-weight", help="Weight of the KL distillation from the "
                                          "teacher (0 turns it off)."),
+    init: str = typer.Option("firing-rate", "--init", help="Learned scorer's start: firing-rate (its MLP first "
+                             "ranks tokens by firing rate, calibrated to the keep ratio) or random (the paper's "
+                             "initialisation)."),
     dataset: str = typer.Option(None, "--dataset", help="Data set (default: the one REF was trained on)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Where the data set lives (not needed for digits)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the checkpoint's)."),
@@ -102,7 +105,7 @@ def select_tokens_command(
     if name is not None:
         analysed, frame, extra, title = _finetune(
             store, source, name, overwrite, keep_value, location_list, scorer or "learned", epochs, lr, batch_size,
-            teacher, ratio_weight, distill_weight, dataset, data_dir, seed, fmt,
+            teacher, ratio_weight, distill_weight, init, dataset, data_dir, seed, fmt,
         )
     if analyze:
         selector = {"keep": keep_value, "scorer": scorer or "firing-rate"}
@@ -119,11 +122,11 @@ def select_tokens_command(
 
 
 def _finetune(store, source, name, overwrite, keep, locations, scorer, epochs, lr, batch_size, teacher_ref,
-              ratio_weight, distill_weight, dataset, data_dir, seed, fmt):
+              ratio_weight, distill_weight, init, dataset, data_dir, seed, fmt):
     from spkprune.checkpoint import load_checkpoint, save_checkpoint
     from spkprune.selection import SelectionConfig, select_tokens
 
-    selection = SelectionConfig(keep, locations, scorer, ratio_weight, distill_weight)
+    selection = SelectionConfig(keep, locations, scorer, ratio_weight, distill_weight, init)
     teacher = load_checkpoint(teacher_ref, store) if teacher_ref else None
     overrides = {"lr": lr, "batch_size": batch_size, "dataset": dataset, "data_dir": data_dir, "seed": seed}
     result = select_tokens(source, selection, epochs=epochs, teacher=teacher, train_overrides=overrides,

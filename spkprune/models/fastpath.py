@@ -1,8 +1,11 @@
 """Fast paths for training and inference, selectable per model, none of them changing what the model computes.
 
 - `set_neuron_backend(model, "lean" | "spikingjelly")`: which LIF implementation every site uses (see `neurons`).
-- `prepare_for_training(model, backend="lean", pack_spikes=True, compile=False)`: lean neurons, and spikes kept as
-  bool for the backward pass (spikes are exactly 0/1, so nothing changes numerically).
+- `prepare_for_training(model, backend="lean", pack_spikes=True, fuse=True, compile=False)`: lean neurons, every
+  BatchNorm + LIF pair fused into one autograd function that keeps only the BatchNorm input for backward
+  (`spkprune.models.fused`), and spikes kept as bool for the backward pass (spikes are exactly 0/1). With
+  `compile`, the fused kernels run through `torch.compile`. `backend="spikingjelly"` is the plain baseline: separate
+  BatchNorm modules and spikingjelly's LIF operator, in the original code's layout.
 - `fold_batchnorm(model)`: an eval-only copy whose BatchNorms are folded into the preceding conv / linear (computed
   in float64, then cast), whose token projections skip the transposes the BatchNorm needed.
 - `prepare_for_inference(model, fold_bn=True, compile=False)`: eval mode, lean neurons (with `compile`, one fused
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
-from spkprune.models import neurons
+from spkprune.models import fused, neurons
 from spkprune.models.neurons import BACKENDS, LIF
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -69,16 +72,29 @@ def enable_spike_packing(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def prepare_for_training(
-    model: nn.Module, backend: str = "lean", pack_spikes: bool = True, compile: bool = False
-) -> nn.Module:
-    """Select the training fast path in place: neuron backend, bool spike packing, optional `torch.compile`.
+def set_fused_bn_lif(model: nn.Module, kernels: str | None = "eager") -> nn.Module:
+    """Route every training-mode BatchNorm + LIF pair below `model` through `FusedBatchNormLIF` with `kernels`
+    ("eager" or "compiled"), or through the separate modules again (None)."""
+    if kernels is not None and kernels not in fused.KERNELS:
+        raise SpkpruneError(f"unknown fused kernels {kernels!r}; choose one of: {', '.join(fused.KERNELS)}")
+    for module in model.modules():
+        if hasattr(type(module), "fuse_bn_lif"):
+            module.fuse_bn_lif = kernels
+    return model
 
-    Returns the module to call (the compiled wrapper when `compile=True`; its parameters are `model`'s).
-    """
+
+def prepare_for_training(
+    model: nn.Module, backend: str = "lean", pack_spikes: bool = True, fuse: bool = True, compile: bool = False
+) -> nn.Module:
+    """Select the training path in place: neuron backend, fused BatchNorm + LIF and bool spike packing (lean
+    neurons only), and with `compile` the fused kernels through `torch.compile`. Returns `model`."""
+    lean = backend != "spikingjelly"
+    if compile and lean:
+        _check_compile_available()
     set_neuron_backend(model, backend)
-    enable_spike_packing(model, pack_spikes and backend == "lean")
-    return _compile(model) if compile else model
+    set_fused_bn_lif(model, ("compiled" if compile else "eager") if fuse and lean else None)
+    enable_spike_packing(model, pack_spikes and lean)
+    return model
 
 
 # ---- inference -------------------------------------------------------------------------------------------------------
@@ -165,10 +181,10 @@ def prepare_for_inference(model: nn.Module, fold_bn: bool = True, compile: bool 
     return fast
 
 
-def _compile(model: nn.Module) -> nn.Module:
+def _check_compile_available() -> None:
     try:
-        return torch.compile(model, dynamic=False)
-    except Exception as err:  # pragma: no cover - depends on the torch build and a C++ toolchain
+        import torch._inductor  # noqa: F401
+    except Exception as err:  # pragma: no cover - depends on the torch build
         raise SpkpruneError(f"torch.compile is not available here ({type(err).__name__}: {err}); run without --compile") from err
 
 

@@ -8,11 +8,12 @@ the rest of spkprune relies on:
   the previous one (the original code needed `reset_net` after every batch);
 - it can keep its last output (`record = True` -> `last_spikes`) so firing rates and spike maps can be read without
   reaching into the model;
-- it has two numerically equal backends (`LIF.backend`, or per instance `site.backend`):
+- it has three numerically equivalent backends (`LIF.backend`, or per instance `site.backend`):
 
   * `"spikingjelly"`: spikingjelly's own multi-step LIF operator, the plain reference;
   * `"lean"` (default): `LeanLIF`, a custom autograd function that computes the same spikes bit for bit and the same
-    gradients (the same float operations in the same order as spikingjelly's CPU kernel), but keeps only the charged
+    gradients up to float rounding (1e-6 in the tests: the surrogate's product is formed in another order), but
+    keeps only the charged
     potential H for the backward pass. spikingjelly's operator also keeps its input X and initial state for
     higher-order gradients, so the lean neuron halves what each site holds between forward and backward, and its loops
     work in place instead of allocating a list of per-step tensors;
@@ -60,8 +61,7 @@ class LeanLIF(torch.autograd.Function):
         ctx.tau, ctx.threshold, ctx.alpha = tau, threshold, alpha
         ctx.input_dtype = x_seq.dtype
         out = spikes.to(x_seq.dtype)
-        if _SPIKE_REGISTRY is not None:
-            _register_spikes(out, spikes)
+        register_spikes(out, spikes)
         return out
 
     @staticmethod
@@ -92,9 +92,12 @@ class LeanLIF(torch.autograd.Function):
 _SPIKE_REGISTRY: dict[int, tuple[weakref.ref, torch.Tensor]] | None = None
 
 
-def _register_spikes(out: torch.Tensor, as_bool: torch.Tensor) -> None:
-    key = id(out)
+def register_spikes(out: torch.Tensor, as_bool: torch.Tensor) -> None:
+    """Inside `pack_spikes()`, let tensors saved for backward that are (views of) `out` be kept as `as_bool`."""
     registry = _SPIKE_REGISTRY
+    if registry is None:
+        return
+    key = id(out)
     registry[key] = (weakref.ref(out, lambda _ref: registry.pop(key, None)), as_bool)
 
 

@@ -36,6 +36,9 @@ SCORERS = ("learned", "firing-rate", "random")
 MODES = ("gather", "mask")
 DEFAULT_SCORER = "learned"
 _EPS = 1e-9  # int() truncation of N * ratio, robust to 0.7**2 * 100 = 48.99999...
+# Spread of the warm-started keep-minus-drop logits: wide enough that Gumbel sampling mostly follows the firing-rate
+# ranking, narrow enough that tokens near the cut are still explored and the soft gradient does not vanish.
+WARM_START_LOGIT_STD = 2.0
 
 
 def tokens_kept(num_tokens: int, keep_ratio: float) -> int:
@@ -109,6 +112,42 @@ class TokenSelector(nn.Module):
 
     def k(self, num_tokens: int | None = None) -> int:
         return tokens_kept(num_tokens or self.num_tokens, self.keep_ratio)
+
+    # ---- firing-rate warm start (learned scorer) -----------------------------------------------------------------
+
+    def start_from_firing_rate(self) -> None:
+        """Make the learned MLP rank tokens by firing rate: hidden unit 0 reads the mean over channels (the firing
+        rate), and only it feeds the keep-minus-drop logit. GELU is increasing on the rates (>= 0), so top-k of
+        the keep score is then the firing-rate ranking up to the other units' small random weights."""
+        hidden, out = self.mlp[0], self.mlp[2]
+        with torch.no_grad():
+            hidden.weight[0].fill_(1.0 / self.dim)
+            hidden.bias[0] = 0.0
+            out.weight[:, 0] = torch.tensor([0.5, -0.5])
+
+    @torch.no_grad()
+    def calibrate(self, tokens: torch.Tensor, keep: torch.Tensor | None, target: float,
+                  logit_std: float = WARM_START_LOGIT_STD) -> None:
+        """Scale and shift the firing-rate unit's logit on sample `tokens [T,B,N,C]` (only those `keep` marks
+        present) so that keep-minus-drop logits spread with std `logit_std` and their sigmoids (the Gumbel keep
+        probabilities) average `target`."""
+        out = self.mlp[2]
+        present = keep.bool() if keep is not None else torch.ones(tokens.shape[1:3], dtype=torch.bool,
+                                                                  device=tokens.device)
+        unit = F.gelu(self.mlp[0](tokens.mean(0))[..., 0])[present]
+        gain = logit_std / float(unit.std().clamp_min(1e-6))
+        out.weight[:, 0] = torch.tensor([0.5 * gain, -0.5 * gain])
+        out.bias.zero_()
+        logits = self.keep_log_probs(tokens)
+        difference = (logits[..., 0] - logits[..., 1])[present]
+        low, high = -50.0, 50.0
+        for _ in range(60):  # bisection: the mean keep probability increases with the offset
+            offset = (low + high) / 2
+            if float(torch.sigmoid(difference + offset).mean()) < target:
+                low = offset
+            else:
+                high = offset
+        out.bias.copy_(torch.tensor([offset / 2, -offset / 2]))
 
     # ---- scores ------------------------------------------------------------------------------------------------
 
@@ -314,6 +353,57 @@ def tokens_per_block(model: nn.Module) -> list[int]:
     return counts
 
 
+class _Captured(Exception):
+    """Stops a calibration forward pass once the selector being calibrated has seen its input."""
+
+
+@torch.no_grad()
+def warm_start_from_firing_rate(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Start every learned selector of `model` as the firing-rate ranking (`TokenSelector.start_from_firing_rate`),
+    calibrated on `images` so that its Gumbel keep probabilities average its conditional keep ratio
+    (`TokenSelector.calibrate`). Calibration runs the model as training will (training-mode BatchNorm, earlier
+    selectors sampling), one pass per selector, and leaves every buffer (BatchNorm statistics) as it was."""
+    selectors = selectors_of(model)
+    if not any(sel.has_weights for sel in selectors.values()):
+        return model
+    for selector in selectors.values():
+        if selector.has_weights:
+            selector.start_from_firing_rate()
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        previous = 1.0
+        for selector in selectors.values():
+            if selector.has_weights:
+                tokens, keep = _selector_input(model, selector, images)
+                selector.calibrate(tokens, keep, selector.keep_ratio / previous)
+            previous = selector.keep_ratio
+    finally:
+        model.train(was_training)
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+    return model
+
+
+def _selector_input(model: nn.Module, selector: TokenSelector, images: torch.Tensor):
+    seen = {}
+
+    def capture(_module, args):
+        seen["args"] = args
+        raise _Captured
+
+    hook = selector.register_forward_pre_hook(capture)
+    try:
+        model(images)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    tokens, *rest = seen["args"]
+    return tokens, rest[0] if rest else None
+
+
 def last_kept(model: nn.Module) -> dict[int, float]:
     """Mean tokens kept per image by each selector in the last forward."""
     return {loc: sel.last_kept for loc, sel in selectors_of(model).items()}
@@ -333,4 +423,5 @@ __all__ = [
     "tokens_kept",
     "tokens_per_block",
     "validate_selector",
+    "warm_start_from_firing_rate",
 ]

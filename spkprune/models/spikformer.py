@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
+from spkprune.models.fused import batch_norm_lif, can_fuse
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF
 from spkprune.models.presets import SpikformerConfig
 
@@ -38,8 +39,8 @@ def _batch_norm_tokens(bn: nn.Module, x: torch.Tensor, keep: torch.Tensor | None
         return t.reshape(*t.shape, *spatial)
 
     if keep is None or not bn.training:
-        out = bn(native(x.transpose(1, 2)))
-        return out.reshape(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
+        out = bn(native(x.transpose(1, 2)))  # the original code's layout, made contiguous as it does
+        return out.reshape(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2).contiguous()
     rows = x[keep]  # [K, C]
     normed = bn(native(rows)).reshape(rows.shape)
     out = x.new_zeros(x.shape)
@@ -49,9 +50,12 @@ def _batch_norm_tokens(bn: nn.Module, x: torch.Tensor, keep: torch.Tensor | None
 
 class TokenProjection(nn.Module):
     """Base for layers that own a projection + BN + LIF triple in the original naming (`<p>_linear|conv`, `<p>_bn`,
-    `<p>_lif`). `project` applies `<p>_linear|conv` + `<p>_bn` to tokens `[TB, N, C]`."""
+    `<p>_lif`). `project` applies `<p>_linear|conv` + `<p>_bn` to tokens `[TB, N, C]`; `project_spike` adds the LIF,
+    through `FusedBatchNormLIF` when `fuse_bn_lif` names its kernels (the training fast path) and no token is
+    masked."""
 
     conv_kind: str = "linear"  # linear | conv1d | conv2d
+    fuse_bn_lif: str | None = None  # None, "eager" or "compiled"
 
     def _make(self, prefix: str, c_in: int, c_out: int, bias: bool, threshold: float | None = None) -> None:
         if self.conv_kind == "linear":
@@ -67,15 +71,25 @@ class TokenProjection(nn.Module):
     def weight_layer(self, prefix: str) -> nn.Module:
         return getattr(self, f"{prefix}_linear" if self.conv_kind == "linear" else f"{prefix}_conv")
 
-    def project(self, prefix: str, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """`<p>_linear|conv` on tokens `[TB, N, C]`."""
         layer = self.weight_layer(prefix)
         if self.conv_kind == "linear":
-            y = layer(x)
-        elif self.conv_kind == "conv1d":
-            y = layer(x.transpose(1, 2)).transpose(1, 2)
-        else:
-            y = layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        return _batch_norm_tokens(getattr(self, f"{prefix}_bn"), y, keep)
+            return layer(x)
+        if self.conv_kind == "conv1d":
+            return layer(x.transpose(1, 2)).transpose(1, 2)
+        return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+
+    def project(self, prefix: str, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return _batch_norm_tokens(getattr(self, f"{prefix}_bn"), self.linear(prefix, x), keep)
+
+    def project_spike(self, prefix: str, x: torch.Tensor, keep: torch.Tensor | None, T: int) -> torch.Tensor:
+        """Tokens `[TB, N, C_in]` -> spikes `[T, B, N, C_out]` of `<p>_lif(<p>_bn(<p>_linear(x)))`."""
+        bn, lif = getattr(self, f"{prefix}_bn"), getattr(self, f"{prefix}_lif")
+        if self.fuse_bn_lif and keep is None and can_fuse(bn, lif, x):
+            y = self.linear(prefix, x)
+            return batch_norm_lif(y.reshape(T, -1, *y.shape[1:]), bn, lif, -1, self.fuse_bn_lif)
+        return self.spike(prefix, self.project(prefix, x, keep), T)
 
     def spike(self, prefix: str, x: torch.Tensor, T: int) -> torch.Tensor:
         """Projection output `[TB, N, C]` -> spikes `[T, B, N, C]`."""
@@ -105,7 +119,7 @@ class SSA(TokenProjection):
         T, B, N, C = x.shape
         flat = x.flatten(0, 1)
         keep_tb = None if keep is None else keep.unsqueeze(0).expand(T, B, N).reshape(T * B, N)
-        q, k, v = (self._heads(self.spike(p, self.project(p, flat, keep_tb), T)) for p in ("q", "k", "v"))
+        q, k, v = (self._heads(self.project_spike(p, flat, keep_tb, T)) for p in ("q", "k", "v"))
         if keep is not None:  # masked tokens are neither keys nor values
             token_mask = keep.to(k.dtype).view(1, B, 1, N, 1)
             k, v = k * token_mask, v * token_mask
@@ -116,7 +130,7 @@ class SSA(TokenProjection):
         else:
             out = ((q @ k.transpose(-2, -1)) * self.scale) @ v
         out = self.attn_lif(out.transpose(2, 3).reshape(T, B, N, C))
-        return self.spike("proj", self.project("proj", out.flatten(0, 1), keep_tb), T)
+        return self.project_spike("proj", out.flatten(0, 1), keep_tb, T)
 
 
 class MLP(TokenProjection):
@@ -132,8 +146,8 @@ class MLP(TokenProjection):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         T, B, N, _ = x.shape
         keep_tb = None if keep is None else keep.unsqueeze(0).expand(T, B, N).reshape(T * B, N)
-        h = self.spike("fc1", self.project("fc1", x.flatten(0, 1), keep_tb), T)
-        return self.spike("fc2", self.project("fc2", h.flatten(0, 1), keep_tb), T)
+        h = self.project_spike("fc1", x.flatten(0, 1), keep_tb, T)
+        return self.project_spike("fc2", h.flatten(0, 1), keep_tb, T)
 
 
 class Block(nn.Module):
@@ -155,6 +169,8 @@ class SPS(nn.Module):
     """Spiking patch splitting: 4 conv-BN-LIF stages (C/8, C/4, C/2, C), max-pools after the last `num_pools`
     stages, then the relative position embedding `rpe_lif(rpe_bn(rpe_conv(x))) + x`."""
 
+    fuse_bn_lif: str | None = None  # BN + LIF through FusedBatchNormLIF in training: None, "eager" or "compiled"
+
     def __init__(self, cfg: SpikformerConfig):
         super().__init__()
         dim = cfg.embed_dim
@@ -171,6 +187,9 @@ class SPS(nn.Module):
         self.rpe_lif = LIF()
 
     def _conv_bn_lif(self, x: torch.Tensor, conv, bn, lif, T: int) -> torch.Tensor:
+        if self.fuse_bn_lif and can_fuse(bn, lif, x):
+            y = conv(x)
+            return batch_norm_lif(y.reshape(T, -1, *y.shape[1:]), bn, lif, 2, self.fuse_bn_lif).flatten(0, 1)
         y = bn(conv(x))
         return lif(y.reshape(T, -1, *y.shape[1:])).flatten(0, 1)
 

@@ -23,6 +23,7 @@ from spkprune.models.selector import (
     selector_config,
     selectors_of,
     tokens_per_block,
+    warm_start_from_firing_rate,
 )
 from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT, SelectionLoss
 
@@ -30,6 +31,8 @@ from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT, SelectionLoss
 FINETUNE_EPOCHS = 10
 FINETUNE_LR_FACTOR = 0.2
 FINETUNE_WARMUP_EPOCHS = 1
+INITS = ("firing-rate", "random")
+WARM_START_SAMPLES = 256  # training images that calibrate a firing-rate warm start
 
 
 @dataclass
@@ -42,10 +45,13 @@ class SelectionConfig:
     scorer: str = "learned"
     ratio_weight: float = RATIO_WEIGHT
     distill_weight: float = DISTILL_WEIGHT
+    init: str = "firing-rate"  # learned scorer: start as the firing-rate ranking, or "random" (the paper's init)
 
     def validate(self) -> "SelectionConfig":
         if self.scorer not in SCORERS:
             raise SpkpruneError(f"unknown --scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if self.init not in INITS:
+            raise SpkpruneError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
         for name in ("ratio_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise SpkpruneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -136,8 +142,13 @@ def select_tokens(
     seed_everything(cfg.seed)
     model = attach_selectors(detach_selectors(build_model(source)), selection.selector())
     teacher_net = teacher_model(source, teacher)
+    timesteps = model.config.timesteps
     if test_data is None:
-        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=model.config.timesteps)
+        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps)
+    if selection.scorer == "learned" and selection.init == "firing-rate":
+        if train_data is None:
+            train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment)
+        warm_start_from_firing_rate(model, _first_images(train_data, WARM_START_SAMPLES))
     history: list[dict] = []
     if epochs > 0:
         loss = SelectionLoss(teacher_net, cfg.label_smoothing, selection.ratio_weight, selection.distill_weight)
@@ -154,6 +165,10 @@ def select_tokens(
                                amp=cfg.amp)
     checkpoint = _result_checkpoint(source, model, selection, cfg, metrics, teacher_metrics, teacher, epochs)
     return SelectionResult(checkpoint, model, metrics, teacher_metrics, tokens_per_block(model), history)
+
+
+def _first_images(data, count: int) -> torch.Tensor:
+    return torch.stack([data[i][0] for i in range(min(count, len(data)))])
 
 
 def _result_checkpoint(source, model, selection, cfg, metrics, teacher_metrics, teacher, epochs) -> Checkpoint:

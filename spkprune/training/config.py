@@ -40,6 +40,9 @@ class TrainConfig:
     grad_clip: float | None = None
     eval_every: int = 1
     limit_train_batches: int | None = None
+    # Learning-rate multipliers by parameter-name prefix, e.g. {"token_selectors.": 10.0}: a parameter takes the
+    # factor of the longest prefix its name starts with (1 otherwise), through warm-up and decay alike.
+    lr_scales: dict[str, float] | None = None
 
     @property
     def total_epochs(self) -> int:
@@ -57,6 +60,7 @@ class TrainConfig:
             (self.timesteps is None or self.timesteps >= 1, "timesteps must be >= 1"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.limit_train_batches is None or self.limit_train_batches >= 1, "limit_train_batches must be >= 1"),
+            (all(float(v) > 0 for v in (self.lr_scales or {}).values()), "lr_scales must be positive"),
         ]
         for ok, message in checks:
             if not ok:

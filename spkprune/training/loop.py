@@ -93,15 +93,28 @@ class FitResult:
     seconds: float
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D parameters (biases, norms) and on `model.no_weight_decay()` names (timm's rule)."""
+def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """No weight decay on 1-D parameters (biases, norms) and on `model.no_weight_decay()` names (timm's rule); each
+    group carries the `lr_scale` of the longest `lr_scales` prefix its parameters' names start with (1 otherwise)."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        groups.setdefault((decays, _lr_scale(name, lr_scales)), []).append(param)
+    groups.setdefault((True, 1.0), [])  # the two plain groups always exist (optimizer state layout)
+    groups.setdefault((False, 1.0), [])
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][1], not kv[0][0]))
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+        for (decays, scale), params in ordered
+    ]
+
+
+def _lr_scale(name: str, lr_scales: dict[str, float] | None) -> float:
+    matches = [prefix for prefix in (lr_scales or {}) if name.startswith(prefix)]
+    return float(lr_scales[max(matches, key=len)]) if matches else 1.0
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -138,7 +151,7 @@ class _Trainer:
                 f"per process); lower --batch-size"
             )
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
+            parameter_groups(model, cfg.weight_decay, cfg.lr_scales), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
         )
         self.iters = min(len(self.loader), cfg.limit_train_batches or len(self.loader))  # optimiser steps per epoch
         self.scheduler = WarmupCosine(

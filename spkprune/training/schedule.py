@@ -45,7 +45,7 @@ class WarmupCosine:
         """Set the learning rate for the coming step and return it."""
         lr = self.lr_at(self.step_count)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def step(self) -> None:
