@@ -196,7 +196,7 @@ def test_fused_site_keeps_only_the_batchnorm_input_for_backward():
 
     separate = saved_bytes(lambda: lean_lif(bn(y.reshape(-1, 32)).reshape(y.shape)))
     fused = saved_bytes(lambda: batch_norm_lif(y, bn, LIF(), -1))
-    assert fused < 4 * y.numel() + 1024  # Y itself plus per-channel statistics
+    assert fused < 4 * y.numel() + 1024  # Y itself plus per-channel statistics (weight and bias are parameters)
     assert separate >= 2 * 4 * y.numel()  # BatchNorm's input and the neuron's potentials
 
 

@@ -55,6 +55,8 @@ def train_command(
     threads: Optional[int] = typer.Option(
         None, "--threads", help="CPU threads per process for PyTorch (default: PyTorch's; 1 is fastest for tiny models on a busy machine)."
     ),
+    compile: bool = typer.Option(False, "--compile", help="Run the fused BatchNorm + LIF kernels through "
+                                 "torch.compile (about 10 s to compile once; faster steps on large models)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bars on stderr."),
     fmt: str = typer.Option("table", "--format", help="Output: table, json, csv or md."),
 ) -> None:
@@ -74,6 +76,7 @@ def train_command(
     overrides = {
         "dataset": dataset, "data_dir": data_dir, "epochs": epochs, "cooldown_epochs": cooldown_epochs, "batch_size": batch_size, "lr": lr,
         "timesteps": timesteps, "seed": seed, "limit_train_batches": limit_batches, "num_workers": workers,
+        "compile": compile or None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     store = Store.open(store_dir(ctx))

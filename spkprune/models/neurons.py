@@ -92,11 +92,14 @@ class LeanLIF(torch.autograd.Function):
 _SPIKE_REGISTRY: dict[int, tuple[weakref.ref, torch.Tensor]] | None = None
 
 
-def register_spikes(out: torch.Tensor, as_bool: torch.Tensor) -> None:
-    """Inside `pack_spikes()`, let tensors saved for backward that are (views of) `out` be kept as `as_bool`."""
+def register_spikes(out: torch.Tensor, as_bool: torch.Tensor | None = None) -> None:
+    """Inside `pack_spikes()`, let tensors saved for backward that are (views of) the spike map `out` be kept as
+    `as_bool` (computed from `out` when not given, only while packing is active)."""
     registry = _SPIKE_REGISTRY
     if registry is None:
         return
+    if as_bool is None:
+        as_bool = out.to(torch.bool)
     key = id(out)
     registry[key] = (weakref.ref(out, lambda _ref: registry.pop(key, None)), as_bool)
 

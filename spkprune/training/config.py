@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     amp: bool = True
+    compile: bool = False  # the fused BatchNorm + LIF kernels through torch.compile (same results, see fused.py)
     timesteps: int | None = None
     grad_clip: float | None = None
     eval_every: int = 1

@@ -139,8 +139,8 @@ class _Trainer:
         self.dist = distributed.current()
         self.device = torch.device(device) if device is not None else self.dist.device
         self.model = model.to(self.device)
-        if hasattr(model, "neuron_sites"):  # lean neurons, spikes kept as bool for backward (same numbers)
-            prepare_for_training(model)
+        if hasattr(model, "neuron_sites"):  # lean neurons, fused BN + LIF, spikes kept as bool for backward
+            prepare_for_training(model, compile=cfg.compile)
         self.train_data, self.test_data = _datasets(model, cfg, train_data, test_data)
         self.loader = make_loader(
             self.train_data, cfg.batch_size, train=True, seed=cfg.seed, num_workers=cfg.num_workers
