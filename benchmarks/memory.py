@@ -3,7 +3,9 @@
 
 Prints one JSON line: `base_mb` (max RSS once model, optimizer state and data exist), `peak_mb` (max RSS after the
 training steps) and `step_mb` (their difference: what the steps needed on top: activations saved for backward,
-gradients, temporaries). tracemalloc does not see torch's CPU allocations; the kernel's peak RSS (VmHWM) does.
+gradients, temporaries). tracemalloc does not see torch's CPU allocations; the kernel's peak RSS (VmHWM) does. The
+benchmark runs it with `MALLOC_MMAP_THRESHOLD_=1048576` (see `benchmarks.run.memory_env`), so that freed tensors go
+back to the system and the peak measures live tensors, not heap fragmentation.
 """
 
 from __future__ import annotations

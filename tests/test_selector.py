@@ -328,6 +328,8 @@ def test_fine_tuning_a_ticket_keeps_its_masks_and_stores_the_selector():
     assert ckpt.meta["selection"]["ratio_weight"] == 2.0 and ckpt.meta["selection"]["distill_weight"] == 0.5
     assert ckpt.meta["metrics"]["tokens_per_block"] == [16, 8] == result.tokens_per_block
     assert ckpt.meta["train"]["epochs"] == 1 and ckpt.meta["train"]["lr"] == pytest.approx(5e-3 * 0.2)
+    assert ckpt.meta["train"]["lr_scales"] == {"token_selectors.": 0.1}  # the warm-started MLP moves slower
+    assert ckpt.meta["selection"]["init"] == "firing-rate"
     assert len(result.history) == 1 and ckpt.meta["metrics"]["samples"] == 64
     # The masks are carried over unchanged and the pruned weights are still exactly zero; the rest trained.
     assert sorted(ckpt.masks) == sorted(source.masks)
@@ -367,6 +369,19 @@ def test_firing_rate_warm_start_ranks_like_firing_rate_and_samples_at_the_keep_r
         learned(images)
     kept = [float(sel.last_decision.mean()) for sel in selectors_of(learned).values()]
     assert kept == pytest.approx([0.7, 0.49, 0.343], abs=0.05)
+
+
+def test_selector_learning_rate_factor_follows_the_initialisation():
+    from spkprune.selection import SelectionConfig
+
+    assert SelectionConfig(scorer="learned").lr_scales() == {"token_selectors.": 0.1}
+    assert SelectionConfig(scorer="learned", init="random").lr_scales() == {"token_selectors.": 1.0}
+    assert SelectionConfig(scorer="learned", selector_lr_scale=3.0).lr_scales() == {"token_selectors.": 3.0}
+    assert SelectionConfig(scorer="firing-rate").lr_scales() is None
+    with pytest.raises(SpkpruneError, match="unknown --init 'zeros'"):
+        SelectionConfig(scorer="learned", init="zeros").validate()
+    with pytest.raises(SpkpruneError, match="--selector-lr-scale must be > 0"):
+        SelectionConfig(scorer="learned", selector_lr_scale=0.0).validate()
 
 
 def test_training_free_scorers_evaluate_without_fine_tuning():

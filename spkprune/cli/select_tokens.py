@@ -69,6 +69,8 @@ def select_tokens_command(
     init: str = typer.Option("firing-rate", "--init", help="Learned scorer's start: firing-rate (its MLP first "
                              "ranks tokens by firing rate, calibrated to the keep ratio) or random (the paper's "
                              "initialisation)."),
+    selector_lr_scale: float = typer.Option(None, "--selector-lr-scale", help="Learning-rate factor of the learned "
+                                            "selector's MLP (default 0.1 with --init firing-rate, 1 with random)."),
     dataset: str = typer.Option(None, "--dataset", help="Data set (default: the one REF was trained on)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Where the data set lives (not needed for digits)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the checkpoint's)."),
@@ -105,7 +107,7 @@ def select_tokens_command(
     if name is not None:
         analysed, frame, extra, title = _finetune(
             store, source, name, overwrite, keep_value, location_list, scorer or "learned", epochs, lr, batch_size,
-            teacher, ratio_weight, distill_weight, init, dataset, data_dir, seed, fmt,
+            teacher, ratio_weight, distill_weight, init, selector_lr_scale, dataset, data_dir, seed, fmt,
         )
     if analyze:
         selector = {"keep": keep_value, "scorer": scorer or "firing-rate"}
@@ -122,11 +124,11 @@ def select_tokens_command(
 
 
 def _finetune(store, source, name, overwrite, keep, locations, scorer, epochs, lr, batch_size, teacher_ref,
-              ratio_weight, distill_weight, init, dataset, data_dir, seed, fmt):
+              ratio_weight, distill_weight, init, selector_lr_scale, dataset, data_dir, seed, fmt):
     from spkprune.checkpoint import load_checkpoint, save_checkpoint
     from spkprune.selection import SelectionConfig, select_tokens
 
-    selection = SelectionConfig(keep, locations, scorer, ratio_weight, distill_weight, init)
+    selection = SelectionConfig(keep, locations, scorer, ratio_weight, distill_weight, init, selector_lr_scale)
     teacher = load_checkpoint(teacher_ref, store) if teacher_ref else None
     overrides = {"lr": lr, "batch_size": batch_size, "dataset": dataset, "data_dir": data_dir, "seed": seed}
     result = select_tokens(source, selection, epochs=epochs, teacher=teacher, train_overrides=overrides,

@@ -85,29 +85,67 @@ class LeanLIF(torch.autograd.Function):
         return grad_h.to(ctx.input_dtype), None, None, None
 
 
-# ---- spike packing: tensors saved for backward that are views of lean spikes are kept as bool -------------------------
-# While `pack_spikes()` is active, every lean LIF output is registered with its bool twin; a saved-tensor hook then
-# replaces any saved tensor that is (a view of) such an output by the bool twin plus the view geometry, so a Linear,
-# Conv or matmul that keeps its spiking input for the weight gradient keeps 1 byte per element instead of 4.
+# ---- spike packing: tensors saved for backward that share a spike map's memory are kept as bool -----------------------
+# While `pack_spikes()` is active, every neuron output is registered with its bool twin (and the residual stream, a
+# sum of spike maps, with a uint8 twin); a saved-tensor hook then replaces any saved tensor that lives in such a
+# tensor's memory (a view, or the `_unsafe_view` a matmul makes of its input) by the 1-byte twin plus the geometry, so
+# a Linear, Conv or matmul that keeps its input for the weight gradient keeps 1 byte per element instead of 4.
 _SPIKE_REGISTRY: dict[int, tuple[weakref.ref, torch.Tensor]] | None = None
 
 
 def register_spikes(out: torch.Tensor, as_bool: torch.Tensor | None = None) -> None:
-    """Inside `pack_spikes()`, let tensors saved for backward that are (views of) the spike map `out` be kept as
-    `as_bool` (computed from `out` when not given, only while packing is active)."""
+    """Inside `pack_spikes()`, let tensors saved for backward that live in the memory of the spike map `out` be kept
+    as `as_bool` (computed from `out` when not given, only while packing is active)."""
     registry = _SPIKE_REGISTRY
-    if registry is None:
+    if registry is None or not _packable(out):
         return
-    if as_bool is None:
-        as_bool = out.to(torch.bool)
-    key = id(out)
-    registry[key] = (weakref.ref(out, lambda _ref: registry.pop(key, None)), as_bool)
+    _register(registry, out, out.to(torch.bool) if as_bool is None else as_bool)
+
+
+def register_small_integers(out: torch.Tensor) -> None:
+    """Like `register_spikes` for a map of small non-negative integers (the residual stream: sums of spike maps),
+    kept as uint8; checked, so a map that is not one is simply not packed."""
+    registry = _SPIKE_REGISTRY
+    if registry is None or not _packable(out) or out.numel() == 0:
+        return
+    with torch.no_grad():
+        as_uint8 = out.to(torch.uint8)
+        if not torch.equal(as_uint8.to(out.dtype), out):  # negative, fractional or above 255
+            return
+    _register(registry, out, as_uint8)
+
+
+def packing_active() -> bool:
+    """Whether tensors saved for backward are being packed (inside `pack_spikes()`)."""
+    return _SPIKE_REGISTRY is not None
+
+
+def _packable(out: torch.Tensor) -> bool:
+    """A floating tensor that owns its whole storage, contiguously (so the twin's geometry is the same)."""
+    return (
+        out.is_floating_point()
+        and out.is_contiguous()
+        and out.storage_offset() == 0
+        and out.untyped_storage().nbytes() == out.numel() * out.element_size()
+    )
+
+
+def _register(registry: dict, out: torch.Tensor, twin: torch.Tensor) -> None:
+    key = out.untyped_storage().data_ptr()
+
+    def forget(ref, key=key):
+        if registry.get(key, (None,))[0] is ref:
+            registry.pop(key, None)
+
+    registry[key] = (weakref.ref(out, forget), twin)
 
 
 def _pack(t: torch.Tensor):
-    base = t if t._base is None else t._base
-    entry = _SPIKE_REGISTRY.get(id(base)) if _SPIKE_REGISTRY is not None else None
-    if entry is None or entry[0]() is not base or t.dtype != base.dtype:
+    if _SPIKE_REGISTRY is None or t.layout != torch.strided:
+        return t
+    entry = _SPIKE_REGISTRY.get(t.untyped_storage().data_ptr())
+    owner = entry[0]() if entry is not None else None
+    if owner is None or t.dtype != owner.dtype or t.untyped_storage().nbytes() != owner.untyped_storage().nbytes():
         return t
     return (entry[1], t.dtype, t.shape, t.stride(), t.storage_offset())
 
@@ -115,8 +153,8 @@ def _pack(t: torch.Tensor):
 def _unpack(packed):
     if isinstance(packed, torch.Tensor):
         return packed
-    as_bool, dtype, shape, stride, offset = packed
-    return as_bool.to(dtype).as_strided(shape, stride, offset)
+    twin, dtype, shape, stride, offset = packed
+    return twin.to(dtype).as_strided(shape, stride, offset)
 
 
 class pack_spikes:

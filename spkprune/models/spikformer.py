@@ -17,7 +17,13 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.fused import batch_norm_lif, can_fuse
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.neurons import (
+    ATTN_THRESHOLD,
+    LIF,
+    packing_active,
+    register_small_integers,
+    register_spikes,
+)
 from spkprune.models.presets import SpikformerConfig
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
@@ -113,7 +119,11 @@ class SSA(TokenProjection):
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,N,C] -> [T,B,h,N,d]
         T, B, N, C = s.shape
-        return s.reshape(T, B, N, self.num_heads, C // self.num_heads).permute(0, 1, 3, 2, 4)
+        heads = s.reshape(T, B, N, self.num_heads, C // self.num_heads).permute(0, 1, 3, 2, 4)
+        if packing_active():  # the copy the matmul would make anyway, made here so it is saved as bool
+            heads = heads.contiguous()
+            register_spikes(heads)
+        return heads
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         T, B, N, C = x.shape
@@ -161,7 +171,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        register_small_integers(x)  # the residual stream sums spike maps: saved for backward as uint8
         x = x + self.attn(x, keep)
+        register_small_integers(x)
         return x + self.mlp(x, keep)
 
 
@@ -204,7 +216,7 @@ class SPS(nn.Module):
         x_feat = x
         x = self._conv_bn_lif(x, self.rpe_conv, self.rpe_bn, self.rpe_lif, T) + x_feat
         x = x.reshape(T, -1, *x.shape[1:])
-        return x.flatten(-2).transpose(-1, -2)
+        return x.flatten(-2).transpose(-1, -2).contiguous()  # [T,B,N,C] rows: every later matmul reads them so
 
 
 class Spikformer(nn.Module):

@@ -153,6 +153,10 @@ STAGE_TYPES: dict[str, StageType] = {
             "teacher": Opt("ref", help="frozen distillation teacher (default: the input model)"),
             "ratio_weight": _float(minimum=0, help="weight of the keep-ratio MSE (CLI default 2.0)"),
             "distill_weight": _float(minimum=0, help="weight of the KL distillation (CLI default 0.5)"),
+            "init": Opt("choice", choices=("firing-rate", "random"),
+                        help="learned scorer's start: the firing-rate ranking (default) or the paper's random init"),
+            "selector_lr_scale": _float(minimum=0, help="learning-rate factor of the learned selector's MLP "
+                                        "(default 0.1 after a firing-rate start, 1 otherwise)"),
             "dataset": Opt("str", help="data set (default: the one the input was trained on)"),
             "data_dir": Opt("path", help="where the data set lives"),
             "seed": _int(help="random seed (default: the recipe's seed)"),

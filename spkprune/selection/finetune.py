@@ -32,6 +32,10 @@ FINETUNE_EPOCHS = 10
 FINETUNE_LR_FACTOR = 0.2
 FINETUNE_WARMUP_EPOCHS = 1
 INITS = ("firing-rate", "random")
+# Learning-rate factor of a learned selector's MLP: a warm-started MLP already ranks tokens well and the
+# straight-through gradient is noisy, so it moves at a tenth of the backbone's rate; from the paper's random
+# initialisation it learns at the full rate.
+SELECTOR_LR_SCALE = {"firing-rate": 0.1, "random": 1.0}
 WARM_START_SAMPLES = 256  # training images that calibrate a firing-rate warm start
 
 
@@ -46,16 +50,26 @@ class SelectionConfig:
     ratio_weight: float = RATIO_WEIGHT
     distill_weight: float = DISTILL_WEIGHT
     init: str = "firing-rate"  # learned scorer: start as the firing-rate ranking, or "random" (the paper's init)
+    selector_lr_scale: float | None = None  # the MLP's learning-rate factor; None = SELECTOR_LR_SCALE[init]
 
     def validate(self) -> "SelectionConfig":
         if self.scorer not in SCORERS:
             raise SpkpruneError(f"unknown --scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
         if self.init not in INITS:
             raise SpkpruneError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.selector_lr_scale is not None and not self.selector_lr_scale > 0:
+            raise SpkpruneError(f"--selector-lr-scale must be > 0, got {self.selector_lr_scale}")
         for name in ("ratio_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise SpkpruneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         return self
+
+    def lr_scales(self) -> dict[str, float] | None:
+        """`TrainConfig.lr_scales` for the fine-tuning: the learned MLP's factor, None for weightless scorers."""
+        if self.scorer != "learned":
+            return None
+        scale = SELECTOR_LR_SCALE[self.init] if self.selector_lr_scale is None else self.selector_lr_scale
+        return {"token_selectors.": float(scale)}
 
     def selector(self) -> dict:
         config = {"keep": self.keep, "scorer": self.scorer}
@@ -135,7 +149,7 @@ def select_tokens(
     from spkprune.training.state import seed_everything
 
     selection.validate()
-    cfg = finetune_config(source, epochs, **(train_overrides or {}))
+    cfg = finetune_config(source, epochs, **{"lr_scales": selection.lr_scales(), **(train_overrides or {})})
     epochs = FINETUNE_EPOCHS if epochs is None else epochs
     if epochs == 0 and selection.scorer == "learned":
         raise SpkpruneError("a learned selector must be trained: pass --epochs 1 or more, or use --scorer firing-rate")
