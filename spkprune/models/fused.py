@@ -34,93 +34,42 @@ def _kernel(name: str, kernels: str):
     return _COMPILED[name]
 
 
-# ---- eager neuron kernels: in place ---------------------------------------------------------------------------------
-
-
-def _charge_in_place(z: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
-    """Overwrite `z [T, ...]` (the LIF input) with the charged potentials H, step by step (the lean LIF's order of
-    operations), and return the spikes (bool)."""
-    spikes = torch.empty(z.shape, dtype=torch.bool, device=z.device)
-    v = torch.zeros_like(z[0])
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    for t in range(z.shape[0]):
-        h = z[t]
-        h.sub_(v).div_(tau).add_(v)
-        torch.ge(h, threshold, out=spikes[t])
-        torch.where(spikes[t], zero, h, out=v)
-    return spikes
-
-
-def _surrogate_backward_in_place(h: torch.Tensor, grad: torch.Tensor, tau: float, threshold: float,
-                                 alpha: float) -> torch.Tensor:
-    """dL/dZ from dL/dS and the potentials H `[T, ...]` (H is overwritten)."""
-    fired = h >= threshold
-    s = h.sub_(threshold).mul_(alpha).sigmoid_()
-    grad_z = torch.sub(1.0, s).mul_(s).mul_(alpha).mul_(grad)  # dS * sg(H - V_th)
-    del s
-    carry = None
-    for t in range(h.shape[0] - 1, -1, -1):
-        gz = grad_z[t]
-        if carry is not None:
-            gz.add_(carry.masked_fill_(fired[t], 0.0))  # the reset is detached: dV/dH = 1 - S
-        scaled = gz / tau
-        carry = gz.sub_(scaled).clone() if t else None
-        gz.copy_(scaled)
-    return grad_z
+# ---- neuron kernels: eager (in place, shared with the lean LIF) and functional (for torch.compile) ------------------
 
 
 def _charge_eager(z, tau: float, threshold: float):
-    return _charge_in_place(z, tau, threshold).to(z.dtype)
+    return neurons.charge_in_place(z, tau, threshold).to(z.dtype)
 
 
-# ---- functional neuron kernels, for torch.compile (float spikes: inductor's bool stores are slow on CPU) -------------
+def _backward_eager(z, grad, tau: float, threshold: float, alpha: float):
+    neurons.charge_in_place(z, tau, threshold)
+    return neurons.surrogate_backward(z, grad, tau, threshold, alpha, overwrite=True)
 
 
-def _charge_functional(z, tau: float, threshold: float):
-    v = torch.zeros_like(z[0])
-    spikes = []
-    for t in range(z.shape[0]):
-        h = (z[t] - v) / tau + v
-        fired = h >= threshold
-        spikes.append(fired.to(z.dtype))
-        v = torch.where(fired, torch.zeros_like(h), h)
-    return torch.stack(spikes)
-
-
-def _surrogate_backward_functional(h, grad, tau: float, threshold: float, alpha: float):
-    grad_z = [None] * h.shape[0]
-    carry = None
-    for t in range(h.shape[0] - 1, -1, -1):
-        s = torch.sigmoid(alpha * (h[t] - threshold))
-        grad_h = grad[t] * ((1 - s) * s * alpha)
-        if carry is not None:
-            grad_h = grad_h + torch.where(h[t] >= threshold, torch.zeros_like(carry), carry)
-        grad_z[t] = grad_h / tau
-        carry = grad_h - grad_h / tau
-    return torch.stack(grad_z)
-
-
-def _potentials_functional(z, tau: float, threshold: float):
+def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
     v = torch.zeros_like(z[0])
     potentials = []
     for t in range(z.shape[0]):
         h = (z[t] - v) / tau + v
         potentials.append(h)
         v = torch.where(h >= threshold, torch.zeros_like(h), h)
-    return torch.stack(potentials)
+    grad_z = [None] * len(potentials)
+    carry = None
+    for t in range(len(potentials) - 1, -1, -1):
+        h = potentials[t]
+        s = torch.sigmoid(alpha * (h - threshold))
+        grad_h = grad[t] * ((1 - s) * s * alpha)
+        if carry is not None:
+            grad_h = grad_h + torch.where(h >= threshold, torch.zeros_like(carry), carry)
+        grad_z[t] = grad_h / tau
+        carry = grad_h - grad_h / tau
+    return torch.stack(grad_z)
 
 
-def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
-    return _surrogate_backward_functional(_potentials_functional(z, tau, threshold), grad, tau, threshold, alpha)
-
-
-def _backward_eager(z, grad, tau: float, threshold: float, alpha: float):
-    _charge_in_place(z, tau, threshold)
-    return _surrogate_backward_in_place(z, grad, tau, threshold, alpha)
-
-
+# The compiled charge is the compiled inference neuron's function; it returns float spikes (inductor's CPU code
+# stores bool outputs about 7x slower than floats).
 _EAGER = {"charge": _charge_eager, "backward": _backward_eager}
-_FUNCTIONAL = {"charge": _charge_functional, "backward": _backward_functional}
+_FUNCTIONAL = {"charge": neurons._lif_inference, "backward": _backward_functional}
 
 
 def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -47,16 +47,8 @@ class LeanLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, tau: float, threshold: float, alpha: float) -> torch.Tensor:
-        x = x_seq.float()
-        h_seq = torch.empty_like(x, memory_format=torch.contiguous_format)
-        spikes = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-        v = torch.zeros_like(x[0])
-        for t in range(x.shape[0]):
-            h = h_seq[t]
-            torch.sub(x[t], v, out=h)  # spikingjelly: v + (x - (v - v_reset)) / tau, with v - 0.0 == v
-            h.div_(tau).add_(v)  # (x - v) / tau + v == v + (x - v) / tau: IEEE addition commutes
-            torch.ge(h, threshold, out=spikes[t])
-            v = h.masked_fill(spikes[t], 0.0)
+        h_seq = x_seq.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        spikes = charge_in_place(h_seq, tau, threshold)
         ctx.save_for_backward(h_seq)
         ctx.tau, ctx.threshold, ctx.alpha = tau, threshold, alpha
         ctx.input_dtype = x_seq.dtype
@@ -67,22 +59,44 @@ class LeanLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):
         (h_seq,) = ctx.saved_tensors
-        tau, threshold, alpha = ctx.tau, ctx.threshold, ctx.alpha
-        # The same expression as spikingjelly's `_surrogate_gradient`, applied to all steps at once.
-        s = torch.sigmoid(alpha * (h_seq - threshold))
-        grad_h = (1 - s) * s * alpha
-        del s
-        grad_h.mul_(grad_spikes.float())  # dS * sg: multiplication commutes bit for bit
-        silent = h_seq < threshold  # 1 - S
-        carry = None
-        for t in range(h_seq.shape[0] - 1, -1, -1):
-            gh = grad_h[t]
-            if carry is not None:
-                gh.add_(carry * silent[t])
-            scaled = gh / tau
-            carry = gh - scaled
-            gh.copy_(scaled)  # grad_h now holds dX
-        return grad_h.to(ctx.input_dtype), None, None, None
+        grad = surrogate_backward(h_seq, grad_spikes.float(), ctx.tau, ctx.threshold, ctx.alpha)
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def charge_in_place(z: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
+    """Overwrite the input `z [T, ...]` with the charged potentials H, step by step from V = 0, and return the spikes
+    (bool). H = (X - V) / tau + V: spikingjelly's V + (X - (V - V_reset)) / tau with V_reset = 0, and IEEE addition
+    commutes, so H is bit-identical to spikingjelly's."""
+    spikes = torch.empty(z.shape, dtype=torch.bool, device=z.device)
+    v = torch.zeros_like(z[0])
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    for t in range(z.shape[0]):
+        h = z[t]
+        h.sub_(v).div_(tau).add_(v)
+        torch.ge(h, threshold, out=spikes[t])
+        torch.where(spikes[t], zero, h, out=v)  # hard reset to 0
+    return spikes
+
+
+def surrogate_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: float, threshold: float, alpha: float,
+                       overwrite: bool = False) -> torch.Tensor:
+    """dL/dX of the LIF from dL/dS and its potentials H `[T, ...]` (H is used as scratch space with `overwrite`).
+
+    sg = (1 - s) * s * alpha with s = sigmoid(alpha * (H - V_th)) (spikingjelly's expression);
+    dH_t = dS_t * sg_t + c_{t+1} * (1 - S_t) (the reset is detached), dX_t = dH_t / tau, c_t = dH_t - dH_t / tau."""
+    fired = h_seq >= threshold
+    s = (h_seq if overwrite else h_seq.clone()).sub_(threshold).mul_(alpha).sigmoid_()
+    grad = torch.sub(1.0, s).mul_(s).mul_(alpha).mul_(grad_spikes)
+    del s
+    carry = None
+    for t in range(grad.shape[0] - 1, -1, -1):
+        g = grad[t]
+        if carry is not None:
+            g.add_(carry.masked_fill_(fired[t], 0.0))
+        scaled = g / tau
+        carry = g.sub_(scaled).clone() if t else None
+        g.copy_(scaled)  # grad now holds dX for step t
+    return grad
 
 
 # ---- spike packing: tensors saved for backward that share a spike map's memory are kept as bool -----------------------
