@@ -161,6 +161,19 @@ def test_init_from_a_checkpoint_keeps_its_weights_and_masks(trained, tmp_path):
     assert store.resolve("from-ticket@init").parent == "ticket@main"
 
 
+def test_compile_runs_the_fused_training_kernels_through_torch_compile(tmp_path, monkeypatch):
+    from spkprune.models import fused
+
+    calls = []
+    real = fused._kernel
+    monkeypatch.setattr(fused, "_kernel", lambda name, kernels: calls.append(kernels) or real(name, kernels))
+    result = _cli(tmp_path, "train", "--arch", PRESET, "--epochs", "1", "--batch-size", "16", "--limit-batches", "1",
+                  "--compile", "--name", "c", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint("c", Store.open(tmp_path)).meta["train"]["compile"] is True
+    assert calls and set(calls) == {"compiled"}  # every fused site, forward and backward
+
+
 @pytest.mark.slow
 def test_digits_defaults_reach_95_percent(tmp_path):
     """The README demo's claim: the default recipe trains spikformer-2-64-digits to >= 95% test accuracy."""
