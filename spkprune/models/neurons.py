@@ -47,8 +47,9 @@ class LeanLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, tau: float, threshold: float, alpha: float) -> torch.Tensor:
-        h_seq = x_seq.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        spikes = charge_in_place(h_seq, tau, threshold)
+        x = x_seq.float()
+        h_seq = torch.empty_like(x, memory_format=torch.contiguous_format)
+        spikes = charge_in_place(x, tau, threshold, out=h_seq)
         ctx.save_for_backward(h_seq)
         ctx.tau, ctx.threshold, ctx.alpha = tau, threshold, alpha
         ctx.input_dtype = x_seq.dtype
@@ -63,16 +64,17 @@ class LeanLIF(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
-def charge_in_place(z: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
-    """Overwrite the input `z [T, ...]` with the charged potentials H, step by step from V = 0, and return the spikes
-    (bool). H = (X - V) / tau + V: spikingjelly's V + (X - (V - V_reset)) / tau with V_reset = 0, and IEEE addition
-    commutes, so H is bit-identical to spikingjelly's."""
+def charge_in_place(z: torch.Tensor, tau: float, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Write the charged potentials H of the input `z [T, ...]` into `out` (default: over `z` itself), step by step
+    from V = 0, and return the spikes (bool). H = (X - V) / tau + V: spikingjelly's V + (X - (V - V_reset)) / tau with
+    V_reset = 0, and IEEE addition commutes, so H is bit-identical to spikingjelly's."""
+    out = z if out is None else out
     spikes = torch.empty(z.shape, dtype=torch.bool, device=z.device)
     v = torch.zeros_like(z[0])
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     for t in range(z.shape[0]):
-        h = z[t]
-        h.sub_(v).div_(tau).add_(v)
+        h = torch.sub(z[t], v, out=out[t])
+        h.div_(tau).add_(v)
         torch.ge(h, threshold, out=spikes[t])
         torch.where(spikes[t], zero, h, out=v)  # hard reset to 0
     return spikes
