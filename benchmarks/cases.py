@@ -80,16 +80,17 @@ def training_setup(preset: str, batch: int, path: str, masks: dict | None = None
 DENSE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward")
 
 
-def dense_share(fn) -> float:
-    """Fraction of `fn()`'s CPU time spent in dense matrix products and convolutions (one profiled call)."""
+def dense_time(fn) -> dict[str, float]:
+    """CPU seconds of one profiled `fn()`: in dense matrix products and convolutions, and in total."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS)
-    return dense / total if total else float("nan")
+    return {
+        "dense_s": sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS) / 1e6,
+        "total_s": sum(e.self_cpu_time_total for e in events) / 1e6,
+    }
 
 
 def magnitude_masks(model, sparsity: float) -> dict[str, torch.Tensor]:

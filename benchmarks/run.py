@@ -1,8 +1,8 @@
 """The benchmark entry point: `python -m benchmarks [--quick] [--compile] [--out docs/benchmarks.md]`.
 
-Everything is measured on this machine in one run, with warm-up and interleaved repeats (plain and fast alternate, so
-load from other processes hits both alike); reported figures are medians, ratios are medians of per-repeat ratios.
-Peak memory comes from a fresh subprocess per configuration (max RSS).
+Everything is measured on this machine in one run, each section in a fresh Python process, with warm-up and
+interleaved repeats (plain and fast alternate, so load from other processes hits both alike); reported figures are
+medians, ratios are medians of per-repeat ratios. Peak memory comes from a fresh process per configuration (max RSS).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from benchmarks import cases
 from benchmarks.timing import interleaved, machine, median, paired_ratio
@@ -58,8 +56,12 @@ def train_throughput(preset: str, batch: int, repeats: int, compile: bool, profi
     if compile:
         result["compiled_speedup"] = paired_ratio(times["plain"], times[cases.COMPILED_PATH])
     if profile:
-        result["plain_dense_share"] = cases.dense_share(steps["plain"])
+        result["dense"] = {path: cases.dense_time(steps[path]) for path in ("plain", _fastest(steps))}
     return result
+
+
+def _fastest(paths: dict) -> str:
+    return cases.COMPILED_PATH if cases.COMPILED_PATH in paths else "fast"
 
 
 def memory_env() -> dict[str, str]:
@@ -93,32 +95,44 @@ def eval_throughput(preset: str, batch: int, repeats: int, compile: bool) -> dic
     passes = cases.eval_setups(preset, batch, KEEPS, compile=compile)
     times = interleaved(passes, warmup=1, repeats=repeats)
     rows = [{"path": name, "images_per_s": batch / median(t)} for name, t in times.items()]
+    fastest = "fast keep 1.0 compiled" if compile else "fast keep 1.0"
     result = {"rows": rows, "speedup": paired_ratio(times["plain"], times["fast keep 1.0"]),
               "keep07_gain": paired_ratio(times["fast keep 1.0"], times["fast keep 0.7"]),
-              "plain_dense_share": cases.dense_share(passes["plain"])}
+              "dense": {path: cases.dense_time(passes[path]) for path in ("plain", fastest)}}
     if compile:
         result["compiled_speedup"] = paired_ratio(times["plain"], times["fast keep 1.0 compiled"])
     return result
 
 
+def in_fresh_process(section: str, *args) -> dict:
+    """`section(*args)` in a new Python process (see `benchmarks.section`): every measurement starts from the same
+    state, whatever ran before it (glibc's heap keeps what earlier sections grew, which changes later timings)."""
+    cmd = [sys.executable, "-m", "benchmarks.section", section, json.dumps(args)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark section {section} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run(quick: bool, compile: bool) -> dict:
     p = QUICK if quick else FULL
-    torch.manual_seed(0)
     results: dict = {"machine": machine(), "settings": p, "compile": compile}
     log(f"training {TRAIN_PRESET} batch {p['train_batch']} ...")
-    results["train"] = train_throughput(TRAIN_PRESET, p["train_batch"], p["train_repeats"], compile, profile=True)
+    results["train"] = in_fresh_process("train_throughput", TRAIN_PRESET, p["train_batch"], p["train_repeats"],
+                                        compile, True)
     log(f"training {DIGITS_PRESET} batch {p['digits_batch']} ...")
-    results["train_digits"] = train_throughput(DIGITS_PRESET, p["digits_batch"], p["digits_repeats"], compile)
+    results["train_digits"] = in_fresh_process("train_throughput", DIGITS_PRESET, p["digits_batch"],
+                                               p["digits_repeats"], compile)
     log("peak training memory (fresh processes) ...")
     results["memory"] = train_memory(TRAIN_PRESET, p["train_batch"], p["memory_steps"], compile)
     results["memory_digits"] = train_memory(DIGITS_PRESET, p["digits_batch"], p["memory_steps"], compile)
     log("mask overhead ...")
-    results["masks"] = mask_overhead(DIGITS_PRESET if quick else TRAIN_PRESET,
-                                     p["digits_batch"] if quick else p["train_batch"], p["mask_repeats"])
+    results["masks"] = in_fresh_process("mask_overhead", DIGITS_PRESET if quick else TRAIN_PRESET,
+                                        p["digits_batch"] if quick else p["train_batch"], p["mask_repeats"])
     log(f"eval {TRAIN_PRESET} batch {p['eval_batch']} ...")
-    results["eval"] = eval_throughput(TRAIN_PRESET, p["eval_batch"], p["eval_repeats"], compile)
+    results["eval"] = in_fresh_process("eval_throughput", TRAIN_PRESET, p["eval_batch"], p["eval_repeats"], compile)
     log("export sizes and load times ...")
-    results["export"] = cases.export_sizes(TRAIN_PRESET, 0.8, p["export_repeats"])
+    results["export"] = in_fresh_process("export_sizes", TRAIN_PRESET, 0.8, p["export_repeats"])
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     results["machine"]["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in load)
     mem = results["memory"]
@@ -163,13 +177,15 @@ def report(results: dict, command: str, seconds: float) -> str:
         "",
         f"```\n{command}\n```",
         "",
-        f"One run, {seconds:.0f} s. Medians over interleaved repeats (plain and fast alternate), after one warm-up "
-        "each; ratios are medians of per-repeat ratios. *plain* = spikingjelly's `LIFNode` operator at every site, "
-        "separate BatchNorm modules in the original code's layout, `torch.no_grad`; *fast* = for training the lean "
-        "LIF, BatchNorm + LIF fused into one autograd function that keeps only the BatchNorm input, and bool spike "
-        "packing (`prepare_for_training`); *fast compiled* = the same with the fused kernels through "
-        "`torch.compile`; for eval the lean LIF + folded BatchNorm + `torch.inference_mode` (`prepare_for_inference`, "
-        "with `compile=True` one fused neuron kernel). See docs/performance.md for what each does.",
+        f"One run, {seconds:.0f} s, each section in a fresh Python process. Medians over interleaved repeats "
+        "(plain and fast alternate), after one warm-up each; ratios are medians of per-repeat ratios. *plain* = "
+        "spikingjelly's `LIFNode` operator at every site, separate BatchNorm modules and NCHW images as in the "
+        "original code, `torch.no_grad`; *fast* = for training the lean LIF, BatchNorm + LIF fused into one autograd "
+        "function that keeps only the BatchNorm input, bool spike packing and channels-last patch splitting "
+        "(`prepare_for_training`); *fast compiled* = the same with the fused kernels through `torch.compile`; for "
+        "eval the lean LIF + folded BatchNorm + channels-last patch splitting + batches run in pieces of at most "
+        "32 MiB activations + `torch.inference_mode` (`prepare_for_inference`, with `compile=True` one fused neuron "
+        "kernel). See docs/performance.md for what each does.",
         "",
         "## Machine",
         "",
@@ -191,8 +207,8 @@ def report(results: dict, command: str, seconds: float) -> str:
                   "", f"Speed-up fast / plain: **{results[key]['speedup']:.2f}x**"
                   + (f"; fast compiled / plain: **{results[key]['compiled_speedup']:.2f}x**"
                      if "compiled_speedup" in results[key] else ""), ""]
-        if "plain_dense_share" in results[key]:
-            parts += [_ceiling(results[key]["plain_dense_share"], "step"), ""]
+        if "dense" in results[key]:
+            parts += [_ceiling(results[key]["dense"], "step"), ""]
     for key, preset in (("memory", TRAIN_PRESET), ("memory_digits", DIGITS_PRESET)):
         m = results[key]
         parts += [f"## Peak training memory: {preset} (fresh process per path, max RSS, "
@@ -212,7 +228,7 @@ def report(results: dict, command: str, seconds: float) -> str:
               _table(["path", "images/s"], [[r["path"], f"{r['images_per_s']:.2f}"] for r in ev["rows"]]), "",
               f"Speed-up fast / plain: **{ev['speedup']:.2f}x**; keep 0.7 / keep 1.0: **{ev['keep07_gain']:.2f}x** "
               "(keep r = cumulative ratios r, r^2, r^3 before blocks 1, 2, 3; tokens gathered)", "",
-              _ceiling(ev["plain_dense_share"], "pass"), ""]
+              _ceiling(ev["dense"], "pass"), ""]
     parts += [f"## Export: {TRAIN_PRESET}, 80% layer-wise magnitude sparsity", "",
               _table(["format", "bytes", "MB", "load s (median)"],
                      [[r["format"], r["bytes"], f"{r['bytes'] / 1e6:.2f}", f"{r['load_s']:.3f}"]
@@ -220,10 +236,12 @@ def report(results: dict, command: str, seconds: float) -> str:
     return "\n".join(parts)
 
 
-def _ceiling(share: float, what: str) -> str:
-    return (f"Dense matrix products and convolutions (float32, the same in every path) take {100 * share:.0f}% of "
-            f"the plain {what} (one profiled call): a path that made everything else free would be at most "
-            f"**{1 / share:.2f}x** faster than plain.")
+def _ceiling(dense: dict[str, dict], what: str) -> str:
+    (plain, p), (fast, f) = dense.items()
+    return (f"Dense float32 matrix products and convolutions (one profiled call each): {p['dense_s']:.2f} s of the "
+            f"plain {what}'s {p['total_s']:.2f} s ({100 * p['dense_s'] / p['total_s']:.0f}%), {f['dense_s']:.2f} s of "
+            f"the {fast} {what}'s {f['total_s']:.2f} s (channels-last convolutions). A path with the {fast} dense "
+            f"work and nothing else would be at most **{p['total_s'] / f['dense_s']:.2f}x** faster than plain.")
 
 
 def main(argv: list[str] | None = None) -> int:

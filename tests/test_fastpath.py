@@ -144,7 +144,7 @@ def test_training_fast_path_gives_the_plain_spikes_and_gradients(preset):
 
 
 @pytest.mark.parametrize("kernels", ["eager", "compiled"])
-@pytest.mark.parametrize("layout", ["tokens", "conv"])
+@pytest.mark.parametrize("layout", ["tokens", "conv", "channels-last conv"])
 def test_fused_batchnorm_lif_matches_the_separate_modules(kernels, layout):
     from spkprune.models.fused import batch_norm_lif
     from spkprune.models.neurons import LIF
@@ -152,7 +152,10 @@ def test_fused_batchnorm_lif_matches_the_separate_modules(kernels, layout):
     g = torch.Generator().manual_seed(3)
     T, C = 3, 6
     shape, channel_dim = ((T, 20, C), -1) if layout == "tokens" else ((T, 4, C, 5, 5), 2)
-    y = (torch.randn(shape, generator=g) * 2 + 0.5).requires_grad_(True)
+    y = torch.randn(shape, generator=g) * 2 + 0.5
+    if layout == "channels-last conv":  # [T, B, C, H, W] laid out as [T, B, H, W, C], as channels-last images are
+        y = y.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    y.requires_grad_(True)
     grad = torch.randn(shape, generator=g)
     bn_ref, bn_fused = torch.nn.BatchNorm1d(C), torch.nn.BatchNorm1d(C)
     with torch.no_grad():
@@ -169,6 +172,7 @@ def test_fused_batchnorm_lif_matches_the_separate_modules(kernels, layout):
     spikes = batch_norm_lif(y, bn_fused, lif, channel_dim, kernels)
     spikes.backward(grad)
     assert torch.equal(spikes, expected)
+    assert spikes.stride() == y.stride()  # the spikes keep the input's layout
     for got, want in zip((y.grad, bn_fused.weight.grad, bn_fused.bias.grad), expected_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -256,3 +260,83 @@ def test_compiled_backend_falls_back_to_lean_where_gradients_are_needed():
     lean.backend = "lean"
     lean(reference).sum().backward()
     assert torch.equal(x.grad, reference.grad) and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset,overrides,shape", [
+    ("spikformer-2-64-digits", {}, (16, 1, 8, 8)),
+    ("spikformer-4-384-cifar10", dict(embed_dim=64, num_heads=4, depth=1, timesteps=2), (4, 3, 32, 32)),
+    ("spikformer-2-256-cifar10dvs", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2),
+     (4, 2, 2, 32, 32)),
+])
+def test_channels_last_patch_splitting_keeps_every_spike(preset, overrides, shape):
+    torch.manual_seed(0)
+    model = _with_random_batchnorm(spkprune.create_model(preset, **overrides))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    nhwc = fastpath.set_channels_last(fastpath._copy_without_graph(model))
+    assert nhwc.patch_embed.channels_last and not model.patch_embed.channels_last
+    assert sum(fastpath.spike_mismatches(model, nhwc, x).values()) == 0
+    site = nhwc.patch_embed.proj_lif1
+    site.record = True
+    with torch.inference_mode():
+        nhwc(x)
+    assert site.last_spikes.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_training_packs_the_same_saved_spikes(monkeypatch):
+    """With channels-last images every spike map saved for backward is still kept as bool (or uint8)."""
+    from spkprune.models import neurons
+
+    def packed_bytes(channels_last: bool) -> tuple[int, int]:
+        torch.manual_seed(0)
+        model = fastpath.prepare_for_training(spkprune.create_model("spikformer-2-64-digits").train(),
+                                              channels_last=channels_last)
+        counts = [0, 0]
+        original = neurons._pack
+
+        def counting(t):
+            packed = original(t)
+            counts[isinstance(packed, tuple)] += t.numel() * t.element_size()
+            return packed
+
+        monkeypatch.setattr(neurons, "_pack", counting)
+        model(torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))).sum().backward()
+        monkeypatch.setattr(neurons, "_pack", original)
+        return tuple(counts)
+
+    nchw, nhwc = packed_bytes(False), packed_bytes(True)
+    assert nhwc[1] == nchw[1] > 0  # the same float bytes are packed
+    assert nhwc[0] <= nchw[0]  # and no more stay float
+
+
+def test_dense_order_finds_the_contiguous_view():
+    from spkprune.models.neurons import dense_order, inverse_order
+
+    images = torch.rand(2, 3, 4, 5, 6)
+    assert dense_order(images) is None
+    nhwc = images.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(2, 3, 4, 5, 6)
+    order = dense_order(nhwc)
+    assert order == [0, 1, 3, 4, 2] and nhwc.permute(order).is_contiguous()
+    assert torch.equal(nhwc.permute(order).permute(inverse_order(order)), images)
+    assert dense_order(images[:, :, ::2]) is None  # not dense: no permutation makes it contiguous
+
+
+def test_chunked_inference_gives_the_whole_batch_logits():
+    torch.manual_seed(0)
+    model = _with_random_batchnorm(spkprune.create_model("spikformer-2-64-digits"))
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = fastpath.prepare_for_inference(model, chunk_bytes=None)
+    per_sample = model.activation_bytes_per_sample()
+    assert per_sample == 4 * 4 * 64 * 8 * 8  # T=4 steps of the 64-channel stage at 8x8 (before its max-pool)
+    chunked = fastpath.prepare_for_inference(model, chunk_bytes=16 * per_sample)
+    calls = []
+    chunked.patch_embed.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[1]))
+    with torch.inference_mode():
+        expected, got = whole(x), chunked(x)
+    assert calls == [16, 16, 8]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    with torch.no_grad():  # recorded spikes keep the whole batch: no chunking while a site records
+        chunked.patch_embed.proj_lif.record = True
+        calls.clear()
+        chunked(x)
+    assert calls == [40]

@@ -9,9 +9,15 @@
 - `fold_batchnorm(model)`: an eval-only copy whose BatchNorms are folded into the preceding conv / linear (computed
   in float64, then cast), whose token projections skip the transposes the BatchNorm needed.
 - `prepare_for_inference(model, fold_bn=True, compile=False)`: eval mode, lean neurons (with `compile`, one fused
-  `torch.compile` kernel for every neuron), optional folding. Run the result under `torch.inference_mode()`.
+  `torch.compile` kernel for every neuron), optional folding, channels-last patch splitting, and CPU batches split
+  into pieces whose activations stay below 32 MiB (the same logits; see `Spikformer.inference_chunk_bytes`). Run the
+  result under `torch.inference_mode()`.
+- `set_channels_last(model)`: the patch-splitting convolutions on NHWC images (oneDNN's faster layout on the CPU;
+  the training and inference fast paths set it). Neurons and the fused BatchNorm + LIF run on the contiguous
+  `[T, B, H, W, C]` view of such maps, and the final image-to-token transpose becomes a view.
 
-Folding changes float rounding (one product `(W * g) x` instead of `g * (W x)`), so a pre-activation that lands within
+Folding changes float rounding (one product `(W * g) x` instead of `g * (W x)`), and so does channels-last
+(another summation order in the convolutions and the BatchNorm statistics), so a pre-activation that lands within
 a few ulps of a threshold can fire on one path and not the other. `spike_mismatches` measures this; the tests and
 `docs/performance.md` report how often it happens.
 """
@@ -83,17 +89,29 @@ def set_fused_bn_lif(model: nn.Module, kernels: str | None = "eager") -> nn.Modu
     return model
 
 
+def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the patch-splitting convolutions below `model` on channels-last (NHWC) images, or on NCHW (the original
+    layout) again. The same arithmetic in another summation order: equal to float rounding."""
+    for module in model.modules():
+        if hasattr(type(module), "channels_last"):
+            module.channels_last = enabled
+    return model
+
+
 def prepare_for_training(
-    model: nn.Module, backend: str = "lean", pack_spikes: bool = True, fuse: bool = True, compile: bool = False
+    model: nn.Module, backend: str = "lean", pack_spikes: bool = True, fuse: bool = True, compile: bool = False,
+    channels_last: bool | None = None,
 ) -> nn.Module:
-    """Select the training path in place: neuron backend, fused BatchNorm + LIF and bool spike packing (lean
-    neurons only), and with `compile` the fused kernels through `torch.compile`. Returns `model`."""
+    """Select the training path in place: neuron backend, fused BatchNorm + LIF, bool spike packing and channels-last
+    images (by default with lean neurons only), and with `compile` the fused kernels through `torch.compile`.
+    Returns `model`."""
     lean = backend != "spikingjelly"
     if compile and lean:
         _check_compile_available()
     set_neuron_backend(model, backend)
     set_fused_bn_lif(model, ("compiled" if compile else "eager") if fuse and lean else None)
     enable_spike_packing(model, pack_spikes and lean)
+    set_channels_last(model, lean if channels_last is None else channels_last)
     return model
 
 
@@ -171,13 +189,24 @@ def _copy_without_graph(model: nn.Module) -> nn.Module:
             module.__dict__[key] = value
 
 
-def prepare_for_inference(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
+INFERENCE_CHUNK_BYTES = 32 * 2**20  # glibc's largest mmap threshold: blocks up to it are reused, not re-faulted
+
+
+def prepare_for_inference(
+    model: nn.Module, fold_bn: bool = True, compile: bool = False, channels_last: bool = True,
+    chunk_bytes: int | None = INFERENCE_CHUNK_BYTES,
+) -> nn.Module:
     """An eval-mode model for fast inference: lean neurons, BatchNorm folded (a copy) unless `fold_bn=False` (then
-    `model` itself, switched to eval). `compile=True` runs every neuron through one fused `torch.compile` kernel
-    (same spikes; about 10 s to compile once per process). Call the result under `torch.inference_mode()`."""
+    `model` itself, switched to eval), channels-last patch splitting, and CPU batches run in pieces whose largest
+    activation stays under `chunk_bytes` (None: whole batches). `compile=True` runs every neuron through one fused
+    `torch.compile` kernel (same spikes; about 10 s to compile once per process). Call the result under
+    `torch.inference_mode()`."""
     fast = fold_batchnorm(model) if fold_bn else model.eval()
     set_neuron_backend(fast, "compiled" if compile else "lean")
     enable_spike_packing(fast, False)
+    set_channels_last(fast, channels_last)
+    if hasattr(type(fast), "inference_chunk_bytes"):
+        fast.inference_chunk_bytes = chunk_bytes
     return fast
 
 

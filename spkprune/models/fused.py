@@ -8,11 +8,13 @@ potentials, runs the LIF's surrogate-gradient recursion in place, and hands the 
 kernel. That halves the float tensors held per neuron site.
 
 BatchNorm is PyTorch's own kernel (`torch.native_batch_norm`, so the running statistics, momentum and eps behave as
-the module's), on a layout without transposes: token rows `[T*B*N, C]` or images `[T*B, C, H, W]`. The neuron is the
-lean LIF's arithmetic (tau, hard reset to 0, detached reset, sigmoid surrogate), so the spikes are bit-identical to
-`LIF(BatchNorm(y))` on the same layout. With `kernels="compiled"` the element-wise neuron loops (forward charge and
-backward recursion) run through `torch.compile` (about 10 s to compile once per process); the results agree to float
-rounding.
+the module's), on a layout without transposes: token rows `[T*B*N, C]`, images `[T*B, C, H, W]`, or channels-last
+images as the rows of their contiguous `[T, B, H, W, C]` view. The neuron is the lean LIF's arithmetic (tau, hard
+reset to 0, detached reset, sigmoid surrogate), so the spikes are bit-identical to `LIF(BatchNorm(y))` on the same
+layout. With `kernels="compiled"` the neuron loops run through `torch.compile` with static shapes (a few seconds per
+site shape, once per process; inductor caches the kernels on disk): the forward charge, and in the backward pass one
+kernel that forms the normalised values from Y itself (no recomputed tensor) and runs the surrogate recursion; the
+results agree with the eager kernels to float rounding.
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from spkprune.models import neurons
 
 KERNELS = ("eager", "compiled")
 _COMPILED: dict[str, object] = {}
+_SHAPES_PER_KERNEL = 64  # site shapes (and last-batch variants) one process may compile each kernel for
 
 
 def _kernel(name: str, kernels: str):
     if kernels == "eager":
         return _EAGER[name]
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_FUNCTIONAL[name], dynamic=True)
+        # Static shapes: inductor's kernels for known sizes and strides run about twice as fast as its dynamic-shape
+        # ones here; a model has a handful of site shapes, each compiled once per process (cached on disk).
+        compiled = torch.compile(_FUNCTIONAL[name], dynamic=False)
+
+        def call(*args, compiled=compiled):
+            # Detached aliases are not views: dynamo would otherwise guard on (and recompile for) each view's base.
+            with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_KERNEL):
+                return compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+        _COMPILED[name] = call
     return _COMPILED[name]
 
 
@@ -47,9 +59,10 @@ def _backward_eager(z, grad, tau: float, threshold: float, alpha: float):
 
 
 def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
+    """dL/dz of the LIF from `z [T, ...]` (a tensor or a list of per-step tensors) and dL/dS."""
     v = torch.zeros_like(z[0])
     potentials = []
-    for t in range(z.shape[0]):
+    for t in range(len(z)):
         h = (z[t] - v) / tau + v
         potentials.append(h)
         v = torch.where(h >= threshold, torch.zeros_like(h), h)
@@ -66,10 +79,28 @@ def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
     return torch.stack(grad_z)
 
 
+def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel_dim: int, tau: float,
+                                    threshold: float, alpha: float):
+    """`_backward_functional` on the BatchNorm input: the normalised values are formed inside the same kernel (with
+    BatchNorm's per-channel scale and shift, as its CPU kernel forms them) instead of being recomputed to memory.
+    Every tensor is viewed as `[T, outer, C, inner]` so that all steps share one loop nest and inductor fuses the
+    whole function into a single pass."""
+    outer = 1
+    for size in y.shape[1:channel_dim]:
+        outer *= size
+    steps = (y.shape[0], outer, y.shape[channel_dim], -1)
+    y, grad = y.reshape(steps), grad.reshape(steps)
+    mean, invstd, weight, bias = (t.view(1, -1, 1) for t in (mean, invstd, weight, bias))
+    scale = invstd * weight
+    shift = bias - mean * scale
+    grad_z = _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
+    return grad_z
+
+
 # The compiled charge is the compiled inference neuron's function; it returns float spikes (inductor's CPU code
 # stores bool outputs about 7x slower than floats).
-_EAGER = {"charge": _charge_eager, "backward": _backward_eager}
-_FUNCTIONAL = {"charge": neurons._lif_inference, "backward": _backward_functional}
+_EAGER = {"charge": _charge_eager}
+_FUNCTIONAL = {"charge": neurons._lif_inference, "backward_from_input": _backward_from_input_functional}
 
 
 def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -104,9 +135,14 @@ class FusedBatchNormLIF(torch.autograd.Function):
         y, weight, bias, mean, invstd = ctx.saved_tensors
         tau, threshold, alpha, channel_dim, eps, kernels = ctx.settings
         native = _native_view(y, channel_dim)
-        # The same kernel on the same input gives the forward's normalised values bit for bit.
-        z = torch.native_batch_norm(native, weight, bias, None, None, True, 0.0, eps)[0]
-        grad_z = _kernel("backward", kernels)(z.view(y.shape), grad.contiguous(), tau, threshold, alpha)
+        if kernels == "compiled":
+            grad_z = _kernel("backward_from_input", kernels)(
+                y, grad.contiguous(), mean, invstd, weight, bias, channel_dim, tau, threshold, alpha
+            ).view(y.shape)
+        else:
+            # The same kernel on the same input gives the forward's normalised values bit for bit.
+            z = torch.native_batch_norm(native, weight, bias, None, None, True, 0.0, eps)[0]
+            grad_z = _backward_eager(z.view(y.shape), grad.contiguous(), tau, threshold, alpha)
         grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_z.view(native.shape), native, weight, None, None, mean, invstd, True, eps,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
@@ -139,8 +175,15 @@ def can_fuse(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> bool:
 def batch_norm_lif(
     y: torch.Tensor, bn: nn.Module, lif: nn.Module, channel_dim: int, kernels: str = "eager"
 ) -> torch.Tensor:
-    """Spikes `[T, ...]` of `lif(bn(y))` through the fused function (callers check `can_fuse` first)."""
-    spikes = FusedBatchNormLIF.apply(y, bn.weight, bn.bias, bn, lif, channel_dim, kernels)
+    """Spikes `[T, ...]` of `lif(bn(y))` through the fused function (callers check `can_fuse` first). A `y` that is
+    a permuted dense tensor (channels-last images) runs as its contiguous view; the spikes keep `y`'s layout."""
+    order = neurons.dense_order(y)
+    if order is None:
+        spikes = FusedBatchNormLIF.apply(y, bn.weight, bn.bias, bn, lif, channel_dim, kernels)
+    else:
+        channel_dim = order.index(channel_dim % y.dim())
+        spikes = FusedBatchNormLIF.apply(y.permute(order), bn.weight, bn.bias, bn, lif, channel_dim, kernels)
+        spikes = spikes.permute(neurons.inverse_order(order))
     if getattr(lif, "record", False):
         lif.last_spikes = spikes.detach()
     return spikes

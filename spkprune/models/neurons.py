@@ -234,10 +234,12 @@ class LIF(neuron.LIFNode):
         self.last_spikes: torch.Tensor | None = None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.backend == "compiled" and not (torch.is_grad_enabled() and x_seq.requires_grad):
-            spikes = compiled_lif_inference(x_seq, self.tau, self.v_threshold)
-        elif self.backend in ("lean", "compiled"):
-            spikes = lean_lif(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
+        if self.backend in ("lean", "compiled"):
+            # Element-wise per step, so any layout can run as a contiguous view (channels-last images stay so).
+            order = dense_order(x_seq)
+            spikes = self._own_backend(x_seq if order is None else x_seq.permute(order))
+            if order is not None:
+                spikes = spikes.permute(inverse_order(order))
         elif self.backend == "spikingjelly":
             self.reset()
             spikes = super().forward(x_seq)
@@ -248,8 +250,26 @@ class LIF(neuron.LIFNode):
             self.last_spikes = spikes.detach()
         return spikes
 
+    def _own_backend(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if self.backend == "compiled" and not (torch.is_grad_enabled() and x_seq.requires_grad):
+            return compiled_lif_inference(x_seq, self.tau, self.v_threshold)
+        return lean_lif(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend}"
+
+
+def dense_order(t: torch.Tensor) -> list[int] | None:
+    """A permutation of `t`'s dimensions, keeping dimension 0 (time) first, under which `t` is contiguous, when `t`
+    is not contiguous but is a permuted dense tensor (e.g. `[T, B, C, H, W]` from channels-last images); else None."""
+    if t.is_contiguous() or t.dim() < 3:
+        return None
+    order = [0, *sorted(range(1, t.dim()), key=lambda d: -t.stride(d))]
+    return order if t.permute(order).is_contiguous() else None
+
+
+def inverse_order(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=order.__getitem__)
 
 
 def lif_sites(module: torch.nn.Module) -> dict[str, LIF]:

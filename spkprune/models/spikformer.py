@@ -182,6 +182,9 @@ class SPS(nn.Module):
     stages, then the relative position embedding `rpe_lif(rpe_bn(rpe_conv(x))) + x`."""
 
     fuse_bn_lif: str | None = None  # BN + LIF through FusedBatchNormLIF in training: None, "eager" or "compiled"
+    # Images as NHWC (the fast paths): oneDNN's convolutions are faster on it, and the final image-to-token
+    # transpose becomes a view. The original code's layout (NCHW) is the default.
+    channels_last: bool = False
 
     def __init__(self, cfg: SpikformerConfig):
         super().__init__()
@@ -198,16 +201,23 @@ class SPS(nn.Module):
         self.rpe_bn = nn.BatchNorm2d(dim)
         self.rpe_lif = LIF()
 
+    def _conv(self, conv, x: torch.Tensor) -> torch.Tensor:
+        y = conv(x)
+        # A one-channel input is NCHW and channels-last at once, and oneDNN then answers in NCHW: converted here.
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+
     def _conv_bn_lif(self, x: torch.Tensor, conv, bn, lif, T: int) -> torch.Tensor:
         if self.fuse_bn_lif and can_fuse(bn, lif, x):
-            y = conv(x)
+            y = self._conv(conv, x)
             return batch_norm_lif(y.reshape(T, -1, *y.shape[1:]), bn, lif, 2, self.fuse_bn_lif).flatten(0, 1)
-        y = bn(conv(x))
+        y = bn(self._conv(conv, x))
         return lif(y.reshape(T, -1, *y.shape[1:])).flatten(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> [T,B,N,C]
         T = x.shape[0]
         x = x.flatten(0, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for i, suffix in enumerate(_STAGE_SUFFIXES):
             layers = (getattr(self, f"proj_{kind}{suffix}") for kind in ("conv", "bn", "lif"))
             x = self._conv_bn_lif(x, *layers, T)
@@ -221,6 +231,11 @@ class SPS(nn.Module):
 
 class Spikformer(nn.Module):
     """A Spikformer of any variant. Build it with `spkprune.create_model(name)`."""
+
+    # Set by `prepare_for_inference`: without autograd on the CPU, run a batch in pieces whose largest activation
+    # stays under this many bytes. glibc's malloc hands out blocks above 32 MiB as fresh memory maps that are
+    # returned on free, so every such tensor is page-faulted in again on every pass; smaller blocks are reused.
+    inference_chunk_bytes: int | None = None
 
     def __init__(self, cfg: SpikformerConfig, preset: str | None = None):
         super().__init__()
@@ -324,9 +339,41 @@ class Spikformer(nn.Module):
         return (summed / weights.sum(1).clamp_min(1).view(1, -1, 1)).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self._inference_chunk(x)
+        if chunk is not None:  # every sample is independent in eval mode: the same logits, piece by piece
+            return torch.cat([self._forward(part) for part in x.split(chunk)])
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(self.encode(x))
         tokens, keep = self.forward_tokens(tokens)
         return self.head(self.pool(tokens, keep))
+
+    def activation_bytes_per_sample(self) -> int:
+        """Bytes of the largest float32 activation one sample makes: a patch-splitting stage at its full
+        resolution or the MLP's hidden tokens, over all time steps."""
+        cfg = self.config
+        channels = [cfg.embed_dim // 8, cfg.embed_dim // 4, cfg.embed_dim // 2, cfg.embed_dim, cfg.embed_dim]
+        side, widest = cfg.img_size, 0
+        for stage, c in enumerate(channels):
+            widest = max(widest, c * side * side)
+            if stage in self.patch_embed.pooled_stages:
+                side //= 2
+        widest = max(widest, cfg.num_tokens * cfg.embed_dim * cfg.mlp_ratio)
+        return 4 * cfg.timesteps * widest
+
+    def _inference_chunk(self, x: torch.Tensor) -> int | None:
+        """Samples per piece for chunked inference, or None to run the batch whole."""
+        if (
+            self.inference_chunk_bytes is None
+            or self.training
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or any(site.record for site in self.neuron_sites().values())  # a record keeps one whole batch
+        ):
+            return None
+        chunk = max(1, self.inference_chunk_bytes // self.activation_bytes_per_sample())
+        return chunk if chunk < x.shape[0] else None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if strict:
