@@ -56,7 +56,8 @@ def train_command(
         None, "--threads", help="CPU threads per process for PyTorch (default: PyTorch's; 1 is fastest for tiny models on a busy machine)."
     ),
     compile: bool = typer.Option(False, "--compile", help="Run the fused BatchNorm + LIF kernels through "
-                                 "torch.compile (about 10 s to compile once; faster steps on large models)."),
+                                 "torch.compile (a few seconds per layer shape on first use, cached on disk; "
+                                 "faster steps on large models)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bars on stderr."),
     fmt: str = typer.Option("table", "--format", help="Output: table, json, csv or md."),
 ) -> None:
