@@ -83,8 +83,8 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
                                     threshold: float, alpha: float):
     """`_backward_functional` on the BatchNorm input: the normalised values are formed inside the same kernel (with
     BatchNorm's per-channel scale and shift, as its CPU kernel forms them) instead of being recomputed to memory.
-    Every tensor is viewed as `[T, outer, C, inner]` so that all steps share one loop nest and inductor fuses the
-    whole function into a single pass."""
+    Every tensor is viewed as `[T, outer, C, inner]` so that all steps share one loop nest (without it inductor
+    wrote the normalised values of every step to memory first: 13 % slower on a `[4, 16, 64, 1536]` site)."""
     outer = 1
     for size in y.shape[1:channel_dim]:
         outer *= size
@@ -93,8 +93,7 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
     mean, invstd, weight, bias = (t.view(1, -1, 1) for t in (mean, invstd, weight, bias))
     scale = invstd * weight
     shift = bias - mean * scale
-    grad_z = _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
-    return grad_z
+    return _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
 
 
 # The compiled charge is the compiled inference neuron's function; it returns float spikes (inductor's CPU code

@@ -235,6 +235,7 @@ class Spikformer(nn.Module):
     # Set by `prepare_for_inference`: without autograd on the CPU, run a batch in pieces whose largest activation
     # stays under this many bytes. glibc's malloc hands out blocks above 32 MiB as fresh memory maps that are
     # returned on free, so every such tensor is page-faulted in again on every pass; smaller blocks are reused.
+    # Off while a neuron site records its spikes; a token selector's `last_mask` then describes the last piece.
     inference_chunk_bytes: int | None = None
 
     def __init__(self, cfg: SpikformerConfig, preset: str | None = None):
