@@ -165,13 +165,14 @@ def test_compile_runs_the_fused_training_kernels_through_torch_compile(tmp_path,
     from spkprune.models import fused
 
     calls = []
-    real = fused._kernel
-    monkeypatch.setattr(fused, "_kernel", lambda name, kernels: calls.append(kernels) or real(name, kernels))
+    real = fused._compiled
+    monkeypatch.setattr(fused, "_compiled", lambda name: calls.append(name) or real(name))
     result = _cli(tmp_path, "train", "--arch", PRESET, "--epochs", "1", "--batch-size", "16", "--limit-batches", "1",
                   "--compile", "--name", "c", "--no-progress")
     assert result.exit_code == 0, result.output
     assert load_checkpoint("c", Store.open(tmp_path)).meta["train"]["compile"] is True
-    assert calls and set(calls) == {"compiled"}  # every fused site, forward and backward
+    assert set(calls) == {"charge", "backward_from_input"}  # every fused site, forward and backward
+    assert calls.count("charge") == calls.count("backward_from_input") > 0
 
 
 @pytest.mark.slow

@@ -29,9 +29,8 @@ _COMPILED: dict[str, object] = {}
 _SHAPES_PER_KERNEL = 64  # site shapes (and last-batch variants) one process may compile each kernel for
 
 
-def _kernel(name: str, kernels: str):
-    if kernels == "eager":
-        return _EAGER[name]
+def _compiled(name: str):
+    """The `torch.compile`d version of `_FUNCTIONAL[name]`, made on first use."""
     if name not in _COMPILED:
         # Static shapes: inductor's kernels for known sizes and strides run about twice as fast as its dynamic-shape
         # ones here; a model has a handful of site shapes, each compiled once per process (cached on disk).
@@ -47,10 +46,6 @@ def _kernel(name: str, kernels: str):
 
 
 # ---- neuron kernels: eager (in place, shared with the lean LIF) and functional (for torch.compile) ------------------
-
-
-def _charge_eager(z, tau: float, threshold: float):
-    return neurons.charge_in_place(z, tau, threshold).to(z.dtype)
 
 
 def _backward_eager(z, grad, tau: float, threshold: float, alpha: float):
@@ -96,10 +91,13 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
     return _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
 
 
-# The compiled charge is the compiled inference neuron's function; it returns float spikes (inductor's CPU code
-# stores bool outputs about 7x slower than floats).
-_EAGER = {"charge": _charge_eager}
-_FUNCTIONAL = {"charge": neurons._lif_inference, "backward_from_input": _backward_from_input_functional}
+def _charge_in_place_functional(z, tau: float, threshold: float):
+    """The compiled inference neuron's arithmetic, its float spikes written over `z` (the BatchNorm output, dead after
+    this): one buffer fewer per site (inductor's CPU code stores bool outputs about 7x slower than floats)."""
+    z.copy_(neurons._lif_inference(z, tau, threshold))
+
+
+_FUNCTIONAL = {"charge": _charge_in_place_functional, "backward_from_input": _backward_from_input_functional}
 
 
 def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -123,10 +121,16 @@ class FusedBatchNormLIF(torch.autograd.Function):
         z, mean, invstd = torch.native_batch_norm(native, weight, bias, running_mean, running_var, True, momentum,
                                                   bn.eps)
         tau, threshold = float(lif.tau), float(lif.v_threshold)
-        out = _kernel("charge", kernels)(z.view(y.shape), tau, threshold)  # float spikes
+        out = z.view(y.shape)  # the normalised values, then (in place) the float spikes
+        if kernels == "compiled":
+            _compiled("charge")(out, tau, threshold)
+            as_bool = None
+        else:
+            as_bool = neurons.charge_in_place(out, tau, threshold)
+            out.copy_(as_bool)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
         ctx.settings = (tau, threshold, float(lif.surrogate_function.alpha), channel_dim, float(bn.eps), kernels)
-        neurons.register_spikes(out)
+        neurons.register_spikes(out, as_bool)
         return out
 
     @staticmethod
@@ -135,7 +139,7 @@ class FusedBatchNormLIF(torch.autograd.Function):
         tau, threshold, alpha, channel_dim, eps, kernels = ctx.settings
         native = _native_view(y, channel_dim)
         if kernels == "compiled":
-            grad_z = _kernel("backward_from_input", kernels)(
+            grad_z = _compiled("backward_from_input")(
                 y, grad.contiguous(), mean, invstd, weight, bias, channel_dim, tau, threshold, alpha
             ).view(y.shape)
         else:
