@@ -118,10 +118,13 @@ class FusedBatchNormLIF(torch.autograd.Function):
         channel_dim = channel_dim % y.dim()
         native = _native_view(y, channel_dim)
         running_mean, running_var, momentum = _running_stats(bn)
-        z, mean, invstd = torch.native_batch_norm(native, weight, bias, running_mean, running_var, True, momentum,
-                                                  bn.eps)
+        # The normalised values, then (in place) the float spikes, in a tensor of y's shape: returning a view of
+        # BatchNorm's output instead kept about one spike map more alive per step (measured).
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)
+        mean, invstd = y.new_empty(y.shape[channel_dim]), y.new_empty(y.shape[channel_dim])
+        torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, bn.eps,
+                                             out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
         tau, threshold = float(lif.tau), float(lif.v_threshold)
-        out = z.view(y.shape)  # the normalised values, then (in place) the float spikes
         if kernels == "compiled":
             _compiled("charge")(out, tau, threshold)
             as_bool = None
