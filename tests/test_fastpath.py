@@ -65,16 +65,23 @@ def _with_random_batchnorm(model, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("preset,overrides,shape", [
+VARIANTS = [  # (preset, overrides, input shape): one small model of each variant
     ("spikformer-2-64-digits", {}, (64, 1, 8, 8)),
     ("spikformer-8-384-imagenet", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2), (4, 3, 32, 32)),
     ("spikformer-2-256-cifar10dvs", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2),
      (4, 2, 2, 32, 32)),
-])
-def test_folded_batchnorm_keeps_every_spike(preset, overrides, shape):
+]
+
+
+def _random_model_and_input(preset, overrides, shape):
     torch.manual_seed(0)
     model = _with_random_batchnorm(spkprune.create_model(preset, **overrides))
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    return model, torch.rand(shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("preset,overrides,shape", VARIANTS)
+def test_folded_batchnorm_keeps_every_spike(preset, overrides, shape):
+    model, x = _random_model_and_input(preset, overrides, shape)
     folded = fastpath.fold_batchnorm(model)
     mismatches = fastpath.spike_mismatches(model, folded, x)
     assert mismatches and sum(mismatches.values()) == 0, mismatches
@@ -262,16 +269,9 @@ def test_compiled_backend_falls_back_to_lean_where_gradients_are_needed():
     assert torch.equal(x.grad, reference.grad) and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("preset,overrides,shape", [
-    ("spikformer-2-64-digits", {}, (16, 1, 8, 8)),
-    ("spikformer-4-384-cifar10", dict(embed_dim=64, num_heads=4, depth=1, timesteps=2), (4, 3, 32, 32)),
-    ("spikformer-2-256-cifar10dvs", dict(img_size=32, embed_dim=64, num_heads=4, depth=1, timesteps=2),
-     (4, 2, 2, 32, 32)),
-])
+@pytest.mark.parametrize("preset,overrides,shape", VARIANTS)
 def test_channels_last_patch_splitting_keeps_every_spike(preset, overrides, shape):
-    torch.manual_seed(0)
-    model = _with_random_batchnorm(spkprune.create_model(preset, **overrides))
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    model, x = _random_model_and_input(preset, overrides, shape)
     nhwc = fastpath.set_channels_last(fastpath._copy_without_graph(model))
     assert nhwc.patch_embed.channels_last and not model.patch_embed.channels_last
     assert sum(fastpath.spike_mismatches(model, nhwc, x).values()) == 0
