@@ -92,8 +92,8 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
 
 
 def _charge_in_place_functional(z, tau: float, threshold: float):
-    """The compiled inference neuron's arithmetic, its float spikes written over `z` (the BatchNorm output, dead after
-    this): one buffer fewer per site (inductor's CPU code stores bool outputs about 7x slower than floats)."""
+    """The compiled inference neuron's arithmetic, its spikes written over `z` (the BatchNorm output, dead after this)
+    as floats: inductor's CPU code stores bool outputs about 7x slower than floats."""
     z.copy_(neurons._lif_inference(z, tau, threshold))
 
 
