@@ -211,6 +211,52 @@ def test_fused_site_keeps_only_the_batchnorm_input_for_backward():
     assert separate >= 2 * 4 * y.numel()  # BatchNorm's input and the neuron's potentials
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_spike_max_pool_keeps_only_its_indices_and_gives_the_module_gradient(memory_format):
+    from spkprune.models import neurons
+    from spkprune.models.fused import can_pool_spikes, max_pool_spikes
+    from spkprune.models.neurons import pack_spikes
+
+    g = torch.Generator().manual_seed(4)
+    spikes = (torch.rand(6, 5, 9, 9, generator=g) < 0.3).float().contiguous(memory_format=memory_format)
+    upstream = torch.randn(6, 5, 5, 5, generator=g)
+    pool = torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    results = []
+    for fn in (pool, lambda x: max_pool_spikes(x, pool)):
+        x = spikes.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(x)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x.grad, saved))
+    (reference, reference_grad, _), (pooled, grad, saved) = results
+    assert can_pool_spikes(pool, spikes.requires_grad_()) and not can_pool_spikes(torch.nn.MaxPool2d(3, ceil_mode=True), spikes)
+    assert torch.equal(pooled, reference) and torch.equal(grad, reference_grad) and grad.abs().sum() > 0
+    assert grad.is_contiguous(memory_format=memory_format)
+    assert [t.dtype for t in saved] == [torch.int64]  # the indices; the module also keeps its input
+
+    with pack_spikes():  # the pooled spikes are registered: a layer that saves them keeps them as bool
+        pooled = max_pool_spikes(spikes.clone().requires_grad_(), pool)
+        twin, dtype, shape, *_ = neurons._pack(pooled)
+    assert twin.dtype == torch.bool and dtype == torch.float32 and torch.equal(twin.float(), reference)
+
+
+def test_joint_qkv_projection_runs_one_fused_site_per_block(monkeypatch):
+    """On the training fast path q, k and v come from one product and one fused site over 3C channels."""
+    from spkprune.models import fused
+
+    widths = []
+    real = fused.FusedBatchNormLIF.apply
+    monkeypatch.setattr(fused.FusedBatchNormLIF, "apply", lambda y, w, *a: widths.append(w.numel()) or real(y, w, *a))
+    torch.manual_seed(0)
+    model = fastpath.prepare_for_training(spkprune.create_model("spikformer-2-64-digits").train())
+    model(torch.rand(4, 1, 8, 8)).sum().backward()
+    dim, depth = model.config.embed_dim, model.config.depth
+    assert widths.count(3 * dim) == depth
+    assert widths[-4 * depth:] == [3 * dim, dim, model.config.mlp_ratio * dim, dim] * depth
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.split(".")[-2].startswith(("q_", "k_", "v_")))
+
+
 def test_fused_kernels_are_checked():
     with pytest.raises(SpkpruneError, match="unknown fused kernels 'fast'"):
         fastpath.set_fused_bn_lif(spkprune.create_model("spikformer-2-64-digits"), "fast")
@@ -255,18 +301,26 @@ def test_compiled_neurons_give_the_fixture_spikes_exactly():
     torch.testing.assert_close(logits, golden["__logits__"], atol=1e-5, rtol=0)
 
 
-def test_compiled_backend_falls_back_to_lean_where_gradients_are_needed():
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_compiled_backend_trains_like_the_lean_one(layout):
+    """With gradients the compiled backend runs the compiled training kernels (a permuted input as its contiguous
+    view): the same spikes as the lean neuron and, up to float rounding, the same gradients."""
     from spkprune.models.neurons import LIF
 
-    site = LIF()
-    site.backend = "compiled"
-    x = (torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
-    site(x).sum().backward()
-    reference = x.detach().clone().requires_grad_()
-    lean = LIF()
-    lean.backend = "lean"
-    lean(reference).sum().backward()
-    assert torch.equal(x.grad, reference.grad) and x.grad.abs().sum() > 0
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 4, 5, 6, generator=g) * 2
+    upstream = torch.randn(3, 4, 5, 6, generator=g)
+    results = {}
+    for backend in ("compiled", "lean"):
+        x = base.clone().requires_grad_()
+        site = LIF(0.5)
+        site.backend = backend
+        spikes = site(x if layout == "contiguous" else x.transpose(2, 3))
+        (spikes * (upstream if layout == "contiguous" else upstream.transpose(2, 3))).sum().backward()
+        results[backend] = (spikes.detach(), x.grad)
+    assert torch.equal(results["compiled"][0], results["lean"][0]) and results["lean"][0].any()
+    torch.testing.assert_close(results["compiled"][1], results["lean"][1], atol=1e-6, rtol=1e-5)
+    assert results["lean"][1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("preset,overrides,shape", VARIANTS)

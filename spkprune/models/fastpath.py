@@ -3,8 +3,9 @@
 - `set_neuron_backend(model, "lean" | "spikingjelly")`: which LIF implementation every site uses (see `neurons`).
 - `prepare_for_training(model, backend="lean", pack_spikes=True, fuse=True, compile=False)`: lean neurons, every
   BatchNorm + LIF pair fused into one autograd function that keeps only the BatchNorm input for backward
-  (`spkprune.models.fused`), and spikes kept as bool for the backward pass (spikes are exactly 0/1). With
-  `compile`, the fused kernels run through `torch.compile`. `backend="spikingjelly"` is the plain baseline: separate
+  (`spkprune.models.fused`), spikes kept as bool for the backward pass (spikes are exactly 0/1), q, k and v from one
+  matrix product and one fused site, and max-pooling that keeps only its indices. With `compile`, the fused kernels
+  and every other neuron (backend `"compiled"`) run through `torch.compile`. `backend="spikingjelly"` is the plain baseline: separate
   BatchNorm modules and spikingjelly's LIF operator, in the original code's layout.
 - `fold_batchnorm(model)`: an eval-only copy whose BatchNorms are folded into the preceding conv / linear (computed
   in float64, then cast), whose token projections skip the transposes the BatchNorm needed.
@@ -103,12 +104,13 @@ def prepare_for_training(
     channels_last: bool | None = None,
 ) -> nn.Module:
     """Select the training path in place: neuron backend, fused BatchNorm + LIF, bool spike packing and channels-last
-    images (by default with lean neurons only), and with `compile` the fused kernels through `torch.compile`.
+    images (by default with lean neurons only), and with `compile` the fused kernels and the remaining neurons
+    (backend "compiled") through `torch.compile`.
     Returns `model`."""
     lean = backend != "spikingjelly"
     if compile and lean:
         _check_compile_available()
-    set_neuron_backend(model, backend)
+    set_neuron_backend(model, "compiled" if compile and lean else backend)
     set_fused_bn_lif(model, ("compiled" if compile else "eager") if fuse and lean else None)
     enable_spike_packing(model, pack_spikes and lean)
     set_channels_last(model, lean if channels_last is None else channels_last)

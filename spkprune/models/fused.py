@@ -91,13 +91,18 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
     return _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
 
 
-def _charge_in_place_functional(z, tau: float, threshold: float):
-    """The compiled inference neuron's arithmetic, its spikes written over `z` (the BatchNorm output, dead after this)
-    as floats: inductor's CPU code stores bool outputs about 7x slower than floats."""
-    z.copy_(neurons._lif_inference(z, tau, threshold))
+def _charge_functional(z, tau: float, threshold: float):
+    """The compiled inference neuron's arithmetic: float spikes (inductor's CPU code stores bool outputs about 7x
+    slower than floats) in a new tensor. Written over `z` instead, inductor still fills a buffer of its own first and
+    then copies it: twice the stores (an `[4, 16, 64, 1536]` site: 3.2 ms in place, 1.5 ms so)."""
+    return neurons._lif_inference(z, tau, threshold)
 
 
-_FUNCTIONAL = {"charge": _charge_in_place_functional, "backward_from_input": _backward_from_input_functional}
+_FUNCTIONAL = {
+    "charge": _charge_functional,
+    "backward": _backward_functional,
+    "backward_from_input": _backward_from_input_functional,
+}
 
 
 def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -111,28 +116,33 @@ def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 
 class FusedBatchNormLIF(torch.autograd.Function):
-    """`LIF(BatchNorm(y))` in training mode for `y: [T, ...]` whose channels lie at `channel_dim` (of y)."""
+    """`LIF(BatchNorm(y))` in training mode for `y: [T, ...]` whose channels lie at `channel_dim` (of y). `bns` are
+    the BatchNorms of consecutive channel ranges of y (usually one; q, k and v side by side in the joint projection),
+    with the same eps and momentum; `weight` and `bias` their parameters concatenated."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, bn: nn.Module, lif: nn.Module, channel_dim: int, kernels: str):
+    def forward(ctx, y, weight, bias, bns: tuple, lif: nn.Module, channel_dim: int, kernels: str):
         channel_dim = channel_dim % y.dim()
         native = _native_view(y, channel_dim)
-        running_mean, running_var, momentum = _running_stats(bn)
-        # The normalised values, then (in place) the float spikes, in a tensor of y's shape: returning a view of
-        # BatchNorm's output instead kept about one spike map more alive per step (measured).
+        running_mean, running_var, momentum = _running_stats(bns)
+        # The normalised values in a tensor of y's shape (returning a view of BatchNorm's own output kept about one
+        # spike map more alive per step: measured), then the float spikes (over it, for the eager kernels).
         out = torch.empty_like(y, memory_format=torch.contiguous_format)
         mean, invstd = y.new_empty(y.shape[channel_dim]), y.new_empty(y.shape[channel_dim])
-        torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, bn.eps,
+        eps = float(bns[0].eps)
+        torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, eps,
                                              out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
+        if len(bns) > 1 and running_mean is not None:
+            _store_running_stats(bns, running_mean, running_var)
         tau, threshold = float(lif.tau), float(lif.v_threshold)
         if kernels == "compiled":
-            _compiled("charge")(out, tau, threshold)
+            out = _compiled("charge")(out, tau, threshold)
             as_bool = None
         else:
             as_bool = neurons.charge_in_place(out, tau, threshold)
             out.copy_(as_bool)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.settings = (tau, threshold, float(lif.surrogate_function.alpha), channel_dim, float(bn.eps), kernels)
+        ctx.settings = (tau, threshold, float(lif.surrogate_function.alpha), channel_dim, eps, kernels)
         neurons.register_spikes(out, as_bool)
         return out
 
@@ -157,7 +167,73 @@ class FusedBatchNormLIF(torch.autograd.Function):
         return grad_y, grad_w, grad_b, None, None, None, None
 
 
-def _running_stats(bn: nn.Module):
+class MaxPoolSpikes(torch.autograd.Function):
+    """`nn.MaxPool2d` (no dilation, floor mode) on a spike map for training: keeps only the argmax indices for the
+    backward pass (whose kernel reads nothing of the input but its geometry), where the module also keeps the input
+    and, with spike packing, turns its bool copy back into floats; the pooled spikes are registered for packing."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding):
+        out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
+        ctx.save_for_backward(indices)
+        ctx.geometry = (x.shape, x.stride(), kernel_size, stride, padding)
+        neurons.register_spikes(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        shape, strides, kernel_size, stride, padding = ctx.geometry
+        like_input = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)  # only its geometry is read
+        grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, like_input, kernel_size, stride, padding, [1, 1], False, indices
+        )
+        return grad_input, None, None, None
+
+
+class CompiledLIF(torch.autograd.Function):
+    """The LIF of a site without BatchNorm before it (the attention neuron) on the compiled training kernels: the
+    forward charge as the fused sites run it, and the surrogate recursion in one kernel that recomputes the potentials
+    from the input. Keeps the input, as `LeanLIF` keeps the potentials: the same bytes."""
+
+    @staticmethod
+    def forward(ctx, x, tau: float, threshold: float, alpha: float):
+        spikes = _compiled("charge")(x, tau, threshold)
+        ctx.save_for_backward(x)
+        ctx.settings = (tau, threshold, alpha)
+        neurons.register_spikes(spikes)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _compiled("backward")(x, grad.contiguous(), *ctx.settings), None, None, None
+
+
+def compiled_lif(x: torch.Tensor, tau: float, threshold: float, alpha: float) -> torch.Tensor:
+    """Spikes `[T, ...]` of a LIF driven by the contiguous float `x`, with gradients, through `CompiledLIF`."""
+    return CompiledLIF.apply(x, float(tau), float(threshold), float(alpha))
+
+
+def max_pool_spikes(x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+    """`pool(x)` for a spike map `x` through `MaxPoolSpikes` (callers check `can_pool_spikes` first)."""
+    pair = nn.modules.utils._pair
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return MaxPoolSpikes.apply(x, list(pair(pool.kernel_size)), list(pair(stride)), list(pair(pool.padding)))
+
+
+def can_pool_spikes(pool: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        type(pool) is nn.MaxPool2d
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and not pool.return_indices
+        and torch.is_grad_enabled()
+        and x.requires_grad
+    )
+
+
+def _module_running_stats(bn: nn.Module):
     """What `nn.BatchNorm*.forward` passes to the kernel in training mode (and its batch counter update)."""
     if not bn.track_running_stats or bn.running_mean is None:
         return None, None, 0.0
@@ -166,33 +242,74 @@ def _running_stats(bn: nn.Module):
     return bn.running_mean, bn.running_var, momentum
 
 
-def can_fuse(bn: nn.Module, lif: nn.Module, y: torch.Tensor) -> bool:
-    """Whether `lif(bn(y))` may take the fused path: training-mode affine BatchNorm, lean neuron, gradients on."""
-    return (
-        isinstance(bn, nn.modules.batchnorm._BatchNorm)
-        and bn.training
-        and bn.affine
-        and getattr(lif, "backend", None) in ("lean", "compiled")
-        and torch.is_grad_enabled()
-        and (y.requires_grad or bn.weight.requires_grad)
+def _running_stats(bns: tuple):
+    """`_module_running_stats` of one BatchNorm, or of several side by side: concatenated copies (written back by
+    `_store_running_stats`); `can_fuse` made sure they agree on the momentum."""
+    stats = [_module_running_stats(bn) for bn in bns]
+    if len(stats) == 1 or stats[0][0] is None:
+        return stats[0]
+    return torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats]), stats[0][2]
+
+
+def _store_running_stats(bns: tuple, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+    sizes = [bn.num_features for bn in bns]
+    for bn, mean, var in zip(bns, running_mean.split(sizes), running_var.split(sizes)):
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+
+
+def _sites(module) -> tuple:
+    return tuple(module) if isinstance(module, (tuple, list)) else (module,)
+
+
+def can_fuse(bn, lif, y: torch.Tensor) -> bool:
+    """Whether `lif(bn(y))` may take the fused path: training-mode affine BatchNorm, lean neuron, gradients on. `bn`
+    and `lif` may be sequences of sites side by side (see `batch_norm_lif`), which must then share every setting."""
+    bns, lifs = _sites(bn), _sites(lif)
+    alone = all(
+        isinstance(b, nn.modules.batchnorm._BatchNorm)
+        and b.training
+        and b.affine
+        and getattr(n, "backend", None) in ("lean", "compiled")
+        for b, n in zip(bns, lifs, strict=True)
     )
+    if not (alone and torch.is_grad_enabled() and (y.requires_grad or any(b.weight.requires_grad for b in bns))):
+        return False
+    return len({_batch_norm_settings(b) for b in bns}) == 1 and len({_neuron_settings(n) for n in lifs}) == 1
 
 
-def batch_norm_lif(
-    y: torch.Tensor, bn: nn.Module, lif: nn.Module, channel_dim: int, kernels: str = "eager"
-) -> torch.Tensor:
+def _batch_norm_settings(bn: nn.Module) -> tuple:
+    counter = bn.num_batches_tracked if bn.momentum is None and bn.num_batches_tracked is not None else None
+    return bn.eps, bn.momentum, bn.track_running_stats, None if counter is None else int(counter)
+
+
+def _neuron_settings(lif: nn.Module) -> tuple:
+    return lif.backend, float(lif.tau), float(lif.v_threshold), float(lif.surrogate_function.alpha)
+
+
+def batch_norm_lif(y: torch.Tensor, bn, lif, channel_dim: int, kernels: str = "eager") -> torch.Tensor:
     """Spikes `[T, ...]` of `lif(bn(y))` through the fused function (callers check `can_fuse` first). A `y` that is
-    a permuted dense tensor (channels-last images) runs as its contiguous view; the spikes keep `y`'s layout."""
+    a permuted dense tensor (channels-last images) runs as its contiguous view; the spikes keep `y`'s layout.
+
+    `bn` and `lif` may also be equal-length sequences of sites whose channels lie side by side in y (the joint q, k,
+    v projection): one BatchNorm kernel over all their channels computes each site's statistics as its own would."""
+    bns, lifs = _sites(bn), _sites(lif)
+    site_dim = channel_dim % y.dim()
+    weight = torch.cat([b.weight for b in bns]) if len(bns) > 1 else bns[0].weight
+    bias = torch.cat([b.bias for b in bns]) if len(bns) > 1 else bns[0].bias
     order = neurons.dense_order(y)
     if order is None:
-        spikes = FusedBatchNormLIF.apply(y, bn.weight, bn.bias, bn, lif, channel_dim, kernels)
+        spikes = FusedBatchNormLIF.apply(y, weight, bias, bns, lifs[0], channel_dim, kernels)
     else:
         channel_dim = order.index(channel_dim % y.dim())
-        spikes = FusedBatchNormLIF.apply(y.permute(order), bn.weight, bn.bias, bn, lif, channel_dim, kernels)
+        spikes = FusedBatchNormLIF.apply(y.permute(order), weight, bias, bns, lifs[0], channel_dim, kernels)
         spikes = spikes.permute(neurons.inverse_order(order))
-    if getattr(lif, "record", False):
-        lif.last_spikes = spikes.detach()
+    if any(getattr(n, "record", False) for n in lifs):
+        pieces = spikes.detach().split([b.num_features for b in bns], dim=site_dim)
+        for n, piece in zip(lifs, pieces):
+            if n.record:
+                n.last_spikes = piece
     return spikes
 
 
-__all__ = ["KERNELS", "FusedBatchNormLIF", "batch_norm_lif", "can_fuse"]
+__all__ = ["KERNELS", "CompiledLIF", "FusedBatchNormLIF", "compiled_lif", "MaxPoolSpikes", "batch_norm_lif", "can_fuse", "can_pool_spikes", "max_pool_spikes"]

@@ -19,7 +19,8 @@ the rest of spkprune relies on:
     work in place instead of allocating a list of per-step tensors;
   * `"compiled"`: for inference, the same per-step arithmetic fused by `torch.compile` into one kernel (one pass over
     the input instead of six per step; the first call in a process compiles for about 10 s). Where gradients are
-    needed it falls back to `"lean"`.
+    needed, the training kernels of `spkprune.models.fused` (compiled for each input shape, static; same spikes,
+    gradients equal to the lean ones up to float rounding) on contiguous float32 input, else `"lean"`.
 """
 
 from __future__ import annotations
@@ -102,33 +103,32 @@ def surrogate_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: floa
 
 
 # ---- spike packing: tensors saved for backward that share a spike map's memory are kept as bool -----------------------
-# While `pack_spikes()` is active, every neuron output is registered with its bool twin (and the residual stream, a
-# sum of spike maps, with a uint8 twin); a saved-tensor hook then replaces any saved tensor that lives in such a
-# tensor's memory (a view, or the `_unsafe_view` a matmul makes of its input) by the 1-byte twin plus the geometry, so
-# a Linear, Conv or matmul that keeps its input for the weight gradient keeps 1 byte per element instead of 4.
-_SPIKE_REGISTRY: dict[int, tuple[weakref.ref, torch.Tensor]] | None = None
+# While `pack_spikes()` is active, every neuron output is registered as a spike map (and the residual stream, a sum of
+# spike maps, as small integers); a saved-tensor hook then replaces any saved tensor that lives in such a tensor's
+# memory (a view, or the `_unsafe_view` a matmul makes of its input) by a 1-byte twin (bool, or uint8) plus the
+# geometry, so a Linear, Conv or matmul that keeps its input for the weight gradient keeps 1 byte per element instead
+# of 4. A twin is made when a tensor in the map's memory is first saved (many maps are only read, never saved) and
+# shared by every later save.
+_SPIKE_REGISTRY: dict[int, list] | None = None
+_NOT_PACKABLE = object()  # a registered map whose values do not fit its twin's dtype
 
 
 def register_spikes(out: torch.Tensor, as_bool: torch.Tensor | None = None) -> None:
     """Inside `pack_spikes()`, let tensors saved for backward that live in the memory of the spike map `out` be kept
-    as `as_bool` (computed from `out` when not given, only while packing is active)."""
+    as bool: `as_bool` when given (a bool copy the caller already has), else made from `out` on the first save."""
     registry = _SPIKE_REGISTRY
     if registry is None or not _packable(out):
         return
-    _register(registry, out, out.to(torch.bool) if as_bool is None else as_bool)
+    _register(registry, out, torch.bool, as_bool)
 
 
 def register_small_integers(out: torch.Tensor) -> None:
     """Like `register_spikes` for a map of small non-negative integers (the residual stream: sums of spike maps),
-    kept as uint8; checked, so a map that is not one is simply not packed."""
+    kept as uint8; checked on the first save, so a map that is not one is simply not packed."""
     registry = _SPIKE_REGISTRY
     if registry is None or not _packable(out) or out.numel() == 0:
         return
-    with torch.no_grad():
-        as_uint8 = out.to(torch.uint8)
-        if not torch.equal(as_uint8.to(out.dtype), out):  # negative, fractional or above 255
-            return
-    _register(registry, out, as_uint8)
+    _register(registry, out, torch.uint8)
 
 
 def packing_active() -> bool:
@@ -137,23 +137,35 @@ def packing_active() -> bool:
 
 
 def _packable(out: torch.Tensor) -> bool:
-    """A floating tensor that owns its whole storage, contiguously (so the twin's geometry is the same)."""
+    """A floating tensor that owns its whole storage, contiguous or channels-last (so the twin, made with the same
+    memory format, has the same geometry)."""
     return (
         out.is_floating_point()
-        and out.is_contiguous()
+        and (out.is_contiguous() or (out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)))
         and out.storage_offset() == 0
         and out.untyped_storage().nbytes() == out.numel() * out.element_size()
     )
 
 
-def _register(registry: dict, out: torch.Tensor, twin: torch.Tensor) -> None:
+def _register(registry: dict, out: torch.Tensor, dtype: torch.dtype, twin: torch.Tensor | None = None) -> None:
     key = out.untyped_storage().data_ptr()
 
     def forget(ref, key=key):
         if registry.get(key, (None,))[0] is ref:
             registry.pop(key, None)
 
-    registry[key] = (weakref.ref(out, forget), twin)
+    registry[key] = [weakref.ref(out, forget), dtype, twin]
+
+
+def _twin(entry: list, owner: torch.Tensor):
+    """The registered map's 1-byte copy, made on first use (or `_NOT_PACKABLE`)."""
+    if entry[2] is None:
+        with torch.no_grad():
+            twin = owner.to(entry[1])
+            if entry[1] is not torch.bool and not torch.equal(twin.to(owner.dtype), owner):
+                twin = _NOT_PACKABLE  # negative, fractional or above 255
+        entry[2] = twin
+    return entry[2]
 
 
 def _pack(t: torch.Tensor):
@@ -163,7 +175,10 @@ def _pack(t: torch.Tensor):
     owner = entry[0]() if entry is not None else None
     if owner is None or t.dtype != owner.dtype or t.untyped_storage().nbytes() != owner.untyped_storage().nbytes():
         return t
-    return (entry[1], t.dtype, t.shape, t.stride(), t.storage_offset())
+    twin = _twin(entry, owner)
+    if twin is _NOT_PACKABLE:
+        return t
+    return (twin, t.dtype, t.shape, t.stride(), t.storage_offset())
 
 
 def _unpack(packed):
@@ -251,8 +266,13 @@ class LIF(neuron.LIFNode):
         return spikes
 
     def _own_backend(self, x_seq: torch.Tensor) -> torch.Tensor:
-        if self.backend == "compiled" and not (torch.is_grad_enabled() and x_seq.requires_grad):
-            return compiled_lif_inference(x_seq, self.tau, self.v_threshold)
+        if self.backend == "compiled":
+            if not (torch.is_grad_enabled() and x_seq.requires_grad):
+                return compiled_lif_inference(x_seq, self.tau, self.v_threshold)
+            if x_seq.dtype == torch.float32 and x_seq.is_contiguous():
+                from spkprune.models import fused  # fused builds on this module
+
+                return fused.compiled_lif(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
         return lean_lif(x_seq, self.tau, self.v_threshold, self.surrogate_function.alpha)
 
     def extra_repr(self) -> str:

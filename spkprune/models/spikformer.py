@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
-from spkprune.models.fused import batch_norm_lif, can_fuse
+from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max_pool_spikes
 from spkprune.models.neurons import (
     ATTN_THRESHOLD,
     LIF,
@@ -125,11 +125,34 @@ class SSA(TokenProjection):
             register_spikes(heads)
         return heads
 
+    def _qkv_spikes(self, flat: torch.Tensor, keep_tb: torch.Tensor | None, T: int) -> tuple[torch.Tensor, ...]:
+        """q, k, v spikes `[T, B, N, C]`. On the training fast path with linear projections: one matrix product with
+        the three weights stacked and one fused BatchNorm + LIF over the 3C channels (each channel's statistics and
+        spikes as its own site's; one larger product runs faster than three and its input is unpacked once)."""
+        prefixes = ("q", "k", "v")
+        bns = tuple(getattr(self, f"{p}_bn") for p in prefixes)
+        lifs = tuple(getattr(self, f"{p}_lif") for p in prefixes)
+        layers = [self.weight_layer(p) for p in prefixes]
+        joint = (
+            self.fuse_bn_lif
+            and keep_tb is None
+            and self.conv_kind == "linear"
+            and len({layer.bias is None for layer in layers}) == 1
+            and can_fuse(bns, lifs, flat)
+        )
+        if not joint:
+            return tuple(self.project_spike(p, flat, keep_tb, T) for p in prefixes)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        y = nn.functional.linear(flat, weight, bias)
+        spikes = batch_norm_lif(y.reshape(T, -1, *y.shape[1:]), bns, lifs, -1, self.fuse_bn_lif)
+        return spikes.split([layer.out_features for layer in layers], dim=-1)
+
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         T, B, N, C = x.shape
         flat = x.flatten(0, 1)
         keep_tb = None if keep is None else keep.unsqueeze(0).expand(T, B, N).reshape(T * B, N)
-        q, k, v = (self._heads(self.project_spike(p, flat, keep_tb, T)) for p in ("q", "k", "v"))
+        q, k, v = (self._heads(s) for s in self._qkv_spikes(flat, keep_tb, T))
         if keep is not None:  # masked tokens are neither keys nor values
             token_mask = keep.to(k.dtype).view(1, B, 1, N, 1)
             k, v = k * token_mask, v * token_mask
@@ -213,6 +236,11 @@ class SPS(nn.Module):
         y = bn(self._conv(conv, x))
         return lif(y.reshape(T, -1, *y.shape[1:])).flatten(0, 1)
 
+    def _pool(self, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_bn_lif and can_pool_spikes(pool, x):  # the training fast path: keeps only the indices
+            return max_pool_spikes(x, pool)
+        return pool(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> [T,B,N,C]
         T = x.shape[0]
         x = x.flatten(0, 1)
@@ -222,7 +250,7 @@ class SPS(nn.Module):
             layers = (getattr(self, f"proj_{kind}{suffix}") for kind in ("conv", "bn", "lif"))
             x = self._conv_bn_lif(x, *layers, T)
             if i in self.pooled_stages:
-                x = getattr(self, f"maxpool{suffix}")(x)
+                x = self._pool(getattr(self, f"maxpool{suffix}"), x)
         x_feat = x
         x = self._conv_bn_lif(x, self.rpe_conv, self.rpe_bn, self.rpe_lif, T) + x_feat
         x = x.reshape(T, -1, *x.shape[1:])
