@@ -23,8 +23,8 @@ TRAIN_PRESET = "spikformer-4-384-cifar10"
 DIGITS_PRESET = "spikformer-2-64-digits"
 KEEPS = (0.9, 0.7, 0.5)
 
-FULL = dict(train_batch=16, train_repeats=3, digits_batch=64, digits_repeats=7, eval_batch=32, eval_repeats=5,
-            mask_repeats=2, export_repeats=5, memory_steps=2)
+FULL = dict(train_batch=16, train_repeats=5, digits_batch=64, digits_repeats=7, eval_batch=32, eval_repeats=7,
+            mask_repeats=4, export_repeats=5, memory_steps=2)
 QUICK = dict(train_batch=4, train_repeats=2, digits_batch=32, digits_repeats=3, eval_batch=8, eval_repeats=2,
              mask_repeats=3, export_repeats=2, memory_steps=1)
 

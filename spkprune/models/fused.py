@@ -14,7 +14,11 @@ reset to 0, detached reset, sigmoid surrogate), so the spikes are bit-identical 
 layout. With `kernels="compiled"` the neuron loops run through `torch.compile` with static shapes (a few seconds per
 site shape, once per process; inductor caches the kernels on disk): the forward charge, and in the backward pass one
 kernel that forms the normalised values from Y itself (no recomputed tensor) and runs the surrogate recursion; the
-results agree with the eager kernels to float rounding.
+results agree with the eager kernels to float rounding. Several sites whose channels lie side by side in one Y (q, k
+and v from one product) run as one.
+
+Also here, for the same path: `CompiledLIF` (a neuron without BatchNorm on the compiled kernels) and `MaxPoolSpikes`
+(max-pooling of spikes that keeps only its indices for backward).
 """
 
 from __future__ import annotations
