@@ -12,9 +12,10 @@ the module's), on a layout without transposes: token rows `[T*B*N, C]`, images `
 images as the rows of their contiguous `[T, B, H, W, C]` view. The neuron is the lean LIF's arithmetic (tau, hard
 reset to 0, detached reset, sigmoid surrogate), so the spikes are bit-identical to `LIF(BatchNorm(y))` on the same
 layout. With `kernels="compiled"` the neuron loops run through `torch.compile` with static shapes (a few seconds per
-site shape, once per process; inductor caches the kernels on disk): the forward charge, and in the backward pass one
-kernel that forms the normalised values from Y itself (no recomputed tensor) and runs the surrogate recursion; the
-results agree with the eager kernels to float rounding. Several sites whose channels lie side by side in one Y (q, k
+site shape, once per process; inductor caches the kernels on disk): forward, BatchNorm's statistics pass alone and
+one kernel that normalises and charges (BatchNorm's output is never written); backward, one kernel that forms the
+normalised values from Y itself and runs the surrogate recursion; the results agree with the eager kernels to float
+rounding. Several sites whose channels lie side by side in one Y (q, k
 and v from one product) run as one.
 
 Also here, for the same path: `CompiledLIF` (a neuron without BatchNorm on the compiled kernels) and `MaxPoolSpikes`
@@ -78,21 +79,41 @@ def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
     return torch.stack(grad_z)
 
 
-def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel_dim: int, tau: float,
-                                    threshold: float, alpha: float):
-    """`_backward_functional` on the BatchNorm input: the normalised values are formed inside the same kernel (with
-    BatchNorm's per-channel scale and shift, as its CPU kernel forms them) instead of being recomputed to memory.
-    Every tensor is viewed as `[T, outer, C, inner]` so that all steps share one loop nest (without it inductor
-    wrote the normalised values of every step to memory first: 13 % slower on a `[4, 16, 64, 1536]` site)."""
+def _normalised_steps(y, mean, invstd, weight, bias, channel_dim: int) -> list:
+    """BatchNorm's output for each step of `y`, formed as its CPU kernel forms it (a per-channel scale and shift),
+    with every step viewed as `[outer, C, inner]`: all steps then share one loop nest in inductor's kernel (without
+    it inductor wrote the normalised values of every step to memory first: 13 % slower on a `[4, 16, 64, 1536]`
+    site)."""
     outer = 1
     for size in y.shape[1:channel_dim]:
         outer *= size
-    steps = (y.shape[0], outer, y.shape[channel_dim], -1)
-    y, grad = y.reshape(steps), grad.reshape(steps)
+    y = y.reshape(y.shape[0], outer, y.shape[channel_dim], -1)
     mean, invstd, weight, bias = (t.view(1, -1, 1) for t in (mean, invstd, weight, bias))
     scale = invstd * weight
     shift = bias - mean * scale
-    return _backward_functional([y[t] * scale + shift for t in range(y.shape[0])], grad, tau, threshold, alpha)
+    return [y[t] * scale + shift for t in range(y.shape[0])]
+
+
+def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel_dim: int, tau: float,
+                                    threshold: float, alpha: float):
+    """`_backward_functional` on the BatchNorm input: the normalised values are formed inside the same kernel instead
+    of being recomputed to memory."""
+    steps = _normalised_steps(y, mean, invstd, weight, bias, channel_dim)
+    return _backward_functional(steps, grad.reshape(len(steps), *steps[0].shape), tau, threshold, alpha)
+
+
+def _charge_from_input_functional(y, mean, invstd, weight, bias, channel_dim: int, tau: float, threshold: float):
+    """The float spikes of `LIF(BatchNorm(y))` given BatchNorm's statistics, the normalised values formed inside the
+    kernel: BatchNorm's output is never written to memory."""
+    v = None
+    spikes = []
+    for z in _normalised_steps(y, mean, invstd, weight, bias, channel_dim):
+        v = torch.zeros_like(z) if v is None else v
+        h = v + (z - v) / tau  # the lean neuron's arithmetic (see neurons._lif_inference)
+        fired = h >= threshold
+        spikes.append(fired.to(y.dtype))
+        v = torch.where(fired, torch.zeros_like(h), h)
+    return torch.stack(spikes).view(y.shape)
 
 
 def _charge_functional(z, tau: float, threshold: float):
@@ -106,6 +127,7 @@ _FUNCTIONAL = {
     "charge": _charge_functional,
     "backward": _backward_functional,
     "backward_from_input": _backward_from_input_functional,
+    "charge_from_input": _charge_from_input_functional,
 }
 
 
@@ -129,22 +151,25 @@ class FusedBatchNormLIF(torch.autograd.Function):
         channel_dim = channel_dim % y.dim()
         native = _native_view(y, channel_dim)
         running_mean, running_var, momentum = _running_stats(bns)
-        # The normalised values in a tensor of y's shape (returning a view of BatchNorm's own output kept about one
-        # spike map more alive per step: measured), then the float spikes (over it, for the eager kernels).
-        out = torch.empty_like(y, memory_format=torch.contiguous_format)
-        mean, invstd = y.new_empty(y.shape[channel_dim]), y.new_empty(y.shape[channel_dim])
-        eps = float(bns[0].eps)
-        torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, eps,
-                                             out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
-        if len(bns) > 1 and running_mean is not None:
-            _store_running_stats(bns, running_mean, running_var)
-        tau, threshold = float(lif.tau), float(lif.v_threshold)
+        eps, tau, threshold = float(bns[0].eps), float(lif.tau), float(lif.v_threshold)
         if kernels == "compiled":
-            out = _compiled("charge")(out, tau, threshold)
+            # BatchNorm's statistics pass alone (the first half of its training kernel: the same mean, variance and
+            # running-statistics update), then one kernel that normalises and charges: no normalised tensor.
+            mean, var = torch.batch_norm_update_stats(native, running_mean, running_var, momentum)
+            invstd = (var.double() + eps).rsqrt().to(var.dtype)
+            out = _compiled("charge_from_input")(y, mean, invstd, weight, bias, channel_dim, tau, threshold)
             as_bool = None
         else:
+            # The normalised values in a tensor of y's shape (returning a view of BatchNorm's own output kept about
+            # one spike map more alive per step: measured), then the float spikes over it.
+            out = torch.empty_like(y, memory_format=torch.contiguous_format)
+            mean, invstd = y.new_empty(y.shape[channel_dim]), y.new_empty(y.shape[channel_dim])
+            torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, eps,
+                                                 out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
             as_bool = neurons.charge_in_place(out, tau, threshold)
             out.copy_(as_bool)
+        if len(bns) > 1 and running_mean is not None:
+            _store_running_stats(bns, running_mean, running_var)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
         ctx.settings = (tau, threshold, float(lif.surrogate_function.alpha), channel_dim, eps, kernels)
         neurons.register_spikes(out, as_bool)
