@@ -181,8 +181,9 @@ def report(results: dict, command: str, seconds: float) -> str:
         "(plain and fast alternate), after one warm-up each; ratios are medians of per-repeat ratios. *plain* = "
         "spikingjelly's `LIFNode` operator at every site, separate BatchNorm modules and NCHW images as in the "
         "original code, `torch.no_grad`; *fast* = for training the lean LIF, BatchNorm + LIF fused into one autograd "
-        "function that keeps only the BatchNorm input, bool spike packing and channels-last patch splitting "
-        "(`prepare_for_training`); *fast compiled* = the same with the fused kernels through `torch.compile`; for "
+        "function that keeps only the BatchNorm input (q, k and v as one product and one such site), bool spike "
+        "packing, max-pooling that keeps only its indices and channels-last patch splitting "
+        "(`prepare_for_training`); *fast compiled* = the same with its neuron kernels through `torch.compile`; for "
         "eval the lean LIF + folded BatchNorm + channels-last patch splitting + batches run in pieces of at most "
         "32 MiB activations + `torch.inference_mode` (`prepare_for_inference`, with `compile=True` one fused neuron "
         "kernel). See docs/performance.md for what each does.",
