@@ -230,7 +230,8 @@ def test_spike_max_pool_keeps_only_its_indices_and_gives_the_module_gradient(mem
         (out * upstream).sum().backward()
         results.append((out.detach(), x.grad, saved))
     (reference, reference_grad, _), (pooled, grad, saved) = results
-    assert can_pool_spikes(pool, spikes.requires_grad_()) and not can_pool_spikes(torch.nn.MaxPool2d(3, ceil_mode=True), spikes)
+    assert can_pool_spikes(pool, spikes.requires_grad_())
+    assert not can_pool_spikes(torch.nn.MaxPool2d(3, ceil_mode=True), spikes)
     assert torch.equal(pooled, reference) and torch.equal(grad, reference_grad) and grad.abs().sum() > 0
     assert grad.is_contiguous(memory_format=memory_format)
     assert [t.dtype for t in saved] == [torch.int64]  # the indices; the module also keeps its input
@@ -254,7 +255,8 @@ def test_joint_qkv_projection_runs_one_fused_site_per_block(monkeypatch):
     dim, depth = model.config.embed_dim, model.config.depth
     assert widths.count(3 * dim) == depth
     assert widths[-4 * depth:] == [3 * dim, dim, model.config.mlp_ratio * dim, dim] * depth
-    assert all(p.grad is not None for n, p in model.named_parameters() if n.split(".")[-2].startswith(("q_", "k_", "v_")))
+    qkv = [p for n, p in model.named_parameters() if n.split(".")[-2].startswith(("q_", "k_", "v_"))]
+    assert len(qkv) == 12 * depth and all(p.grad is not None and p.grad.abs().sum() > 0 for p in qkv)
 
 
 def test_fused_kernels_are_checked():

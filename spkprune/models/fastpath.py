@@ -5,8 +5,8 @@
   BatchNorm + LIF pair fused into one autograd function that keeps only the BatchNorm input for backward
   (`spkprune.models.fused`), spikes kept as bool for the backward pass (spikes are exactly 0/1), q, k and v from one
   matrix product and one fused site, and max-pooling that keeps only its indices. With `compile`, the fused kernels
-  and every other neuron (backend `"compiled"`) run through `torch.compile`. `backend="spikingjelly"` is the plain baseline: separate
-  BatchNorm modules and spikingjelly's LIF operator, in the original code's layout.
+  and every other neuron (backend `"compiled"`) run through `torch.compile`. `backend="spikingjelly"` is the plain
+  baseline: separate BatchNorm modules and spikingjelly's LIF operator, in the original code's layout.
 - `fold_batchnorm(model)`: an eval-only copy whose BatchNorms are folded into the preceding conv / linear (computed
   in float64, then cast), whose token projections skip the transposes the BatchNorm needed.
 - `prepare_for_inference(model, fold_bn=True, compile=False)`: eval mode, lean neurons (with `compile`, one fused

@@ -15,8 +15,7 @@ layout. With `kernels="compiled"` the neuron loops run through `torch.compile` w
 site shape, once per process; inductor caches the kernels on disk): forward, BatchNorm's statistics pass alone and
 one kernel that normalises and charges (BatchNorm's output is never written); backward, one kernel that forms the
 normalised values from Y itself and runs the surrogate recursion; the results agree with the eager kernels to float
-rounding. Several sites whose channels lie side by side in one Y (q, k
-and v from one product) run as one.
+rounding. Several sites whose channels lie side by side in one Y (q, k and v from one product) run as one.
 
 Also here, for the same path: `CompiledLIF` (a neuron without BatchNorm on the compiled kernels) and `MaxPoolSpikes`
 (max-pooling of spikes that keeps only its indices for backward).
@@ -105,10 +104,10 @@ def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel
 def _charge_from_input_functional(y, mean, invstd, weight, bias, channel_dim: int, tau: float, threshold: float):
     """The float spikes of `LIF(BatchNorm(y))` given BatchNorm's statistics, the normalised values formed inside the
     kernel: BatchNorm's output is never written to memory."""
-    v = None
+    steps = _normalised_steps(y, mean, invstd, weight, bias, channel_dim)
+    v = torch.zeros_like(steps[0])
     spikes = []
-    for z in _normalised_steps(y, mean, invstd, weight, bias, channel_dim):
-        v = torch.zeros_like(z) if v is None else v
+    for z in steps:
         h = v + (z - v) / tau  # the lean neuron's arithmetic (see neurons._lif_inference)
         fired = h >= threshold
         spikes.append(fired.to(y.dtype))
@@ -213,7 +212,8 @@ class MaxPoolSpikes(torch.autograd.Function):
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
         shape, strides, kernel_size, stride, padding = ctx.geometry
-        like_input = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)  # only its geometry is read
+        # The kernel reads only the input's geometry: an unwritten tensor of that geometry stands in for it.
+        like_input = torch.empty_strided(shape, strides, dtype=grad.dtype, device=grad.device)
         grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
             grad, like_input, kernel_size, stride, padding, [1, 1], False, indices
         )
@@ -252,6 +252,7 @@ def max_pool_spikes(x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
 
 
 def can_pool_spikes(pool: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `pool(x)` may take `MaxPoolSpikes`: a plain `nn.MaxPool2d` and gradients wanted."""
     return (
         type(pool) is nn.MaxPool2d
         and pool.dilation in (1, (1, 1))
@@ -341,4 +342,7 @@ def batch_norm_lif(y: torch.Tensor, bn, lif, channel_dim: int, kernels: str = "e
     return spikes
 
 
-__all__ = ["KERNELS", "CompiledLIF", "FusedBatchNormLIF", "compiled_lif", "MaxPoolSpikes", "batch_norm_lif", "can_fuse", "can_pool_spikes", "max_pool_spikes"]
+__all__ = [
+    "KERNELS", "CompiledLIF", "FusedBatchNormLIF", "MaxPoolSpikes",
+    "batch_norm_lif", "can_fuse", "can_pool_spikes", "compiled_lif", "max_pool_spikes",
+]
