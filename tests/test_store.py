@@ -324,6 +324,36 @@ def test_two_concurrent_writers_lose_nothing(tmp_path: Path):
     assert json.loads(json.dumps(store.resolve("left-3").meta)) == {"i": 3, "prefix": "left"}
 
 
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    con = sqlite3.connect(sys.argv[1], isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")  # the lock a process switching the same file to WAL holds for a moment
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.execute("COMMIT")
+    """
+)
+
+
+def test_creating_a_store_waits_for_another_creator_holding_the_index(tmp_path: Path):
+    # SQLite refuses the switch to WAL at once ("database is locked", no busy wait) while another process holds the
+    # file's write lock: what a second process creating the same store meets in the same millisecond.
+    root = tmp_path / "store"
+    root.mkdir()
+    sqlite3.connect(root / INDEX_FILE).close()  # the empty index a first creator has just made
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(root / INDEX_FILE), "0.5"], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    started = time.monotonic()
+    store = Store.open(root)
+    assert time.monotonic() - started > 0.3  # it waited for the lock instead of failing
+    assert holder.wait(timeout=30) == 0
+    store.put("a", "main", sample_tensors(), {}, {"ok": True})
+    assert store.resolve("a").meta == {"ok": True}
+
+
 def test_update_meta_changes_index_and_blob_header_and_keeps_tensors(tmp_path):
     import json as _json
 

@@ -80,6 +80,23 @@ class Artifact:
         return format_ref(self.name, self.tag)
 
 
+def _switch_to_wal(con: sqlite3.Connection) -> None:
+    """Put the index in WAL mode, waiting for other processes that are creating the same store.
+
+    The switch needs an exclusive lock, and SQLite answers a busy lock at once here, without the busy handler: two
+    processes creating one store would otherwise see "database is locked" in the same millisecond.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -153,7 +170,7 @@ class Store:
 
     @staticmethod
     def _init_schema(con: sqlite3.Connection) -> None:
-        con.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(con)
         con.execute("BEGIN IMMEDIATE")
         try:
             for statement in filter(str.strip, _SCHEMA.split(";")):
