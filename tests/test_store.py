@@ -343,12 +343,12 @@ def test_creating_a_store_waits_for_another_creator_holding_the_index(tmp_path: 
     root.mkdir()
     sqlite3.connect(root / INDEX_FILE).close()  # the empty index a first creator has just made
     holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(root / INDEX_FILE), "0.5"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", LOCK_HOLDER, str(root / INDEX_FILE), "1.0"], stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline().strip() == "locked"
     started = time.monotonic()
     store = Store.open(root)
-    assert time.monotonic() - started > 0.3  # it waited for the lock instead of failing
+    assert time.monotonic() - started > 0.2  # it waited for the lock instead of failing
     assert holder.wait(timeout=30) == 0
     store.put("a", "main", sample_tensors(), {}, {"ok": True})
     assert store.resolve("a").meta == {"ok": True}
