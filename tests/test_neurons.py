@@ -112,3 +112,14 @@ def test_pack_hook_stores_views_of_spikes_as_bool_and_leaves_other_tensors():
     assert packed[0].dtype == torch.bool and packed[0].numel() == spikes.numel()
     assert torch.equal(neurons._unpack(packed), view)
     assert neurons._pack(view) is view  # outside the context nothing is packed
+
+
+def test_bool_to_converts_through_uint8_with_the_same_values_and_strides():
+    g = torch.Generator().manual_seed(3)
+    spikes = (torch.rand(4, 6, 5, generator=g) > 0.7).transpose(1, 2)  # a non-contiguous bool view
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        converted = neurons.bool_to(spikes, dtype)
+        assert converted.dtype == dtype and converted.shape == spikes.shape
+        assert torch.equal(converted, spikes.to(dtype))
+    counts = torch.tensor([0.0, 2.0, 3.0])
+    assert torch.equal(neurons.bool_to(counts, torch.uint8), torch.tensor([0, 2, 3], dtype=torch.uint8))

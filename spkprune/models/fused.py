@@ -166,7 +166,7 @@ class FusedBatchNormLIF(torch.autograd.Function):
             torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, eps,
                                                  out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
             as_bool = neurons.charge_in_place(out, tau, threshold)
-            out.copy_(as_bool)
+            out.copy_(as_bool.view(torch.uint8))  # see neurons.bool_to
         if len(bns) > 1 and running_mean is not None:
             _store_running_stats(bns, running_mean, running_var)
         ctx.save_for_backward(y, weight, bias, mean, invstd)

@@ -54,7 +54,7 @@ class LeanLIF(torch.autograd.Function):
         ctx.save_for_backward(h_seq)
         ctx.tau, ctx.threshold, ctx.alpha = tau, threshold, alpha
         ctx.input_dtype = x_seq.dtype
-        out = spikes.to(x_seq.dtype)
+        out = bool_to(spikes, x_seq.dtype)
         register_spikes(out, spikes)
         return out
 
@@ -63,6 +63,12 @@ class LeanLIF(torch.autograd.Function):
         (h_seq,) = ctx.saved_tensors
         grad = surrogate_backward(h_seq, grad_spikes.float(), ctx.tau, ctx.threshold, ctx.alpha)
         return grad.to(ctx.input_dtype), None, None, None
+
+
+def bool_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`, for a bool `t` through its uint8 view: PyTorch's CPU kernel converts uint8 about 4x faster than
+    bool (6.3 M spikes to float32: 0.66 ms against 2.5 ms), and True is stored as 1, so the values are the same."""
+    return t.view(torch.uint8).to(dtype) if t.dtype == torch.bool else t.to(dtype)
 
 
 def charge_in_place(z: torch.Tensor, tau: float, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,7 +191,7 @@ def _unpack(packed):
     if isinstance(packed, torch.Tensor):
         return packed
     twin, dtype, shape, stride, offset = packed
-    return twin.to(dtype).as_strided(shape, stride, offset)
+    return bool_to(twin, dtype).as_strided(shape, stride, offset)
 
 
 class pack_spikes:
