@@ -42,6 +42,7 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.masks = MaskEnforcer(model, self.optimizer, masks or {})
         self.masks.apply()
+        self.mask_seconds: list[float] = []  # per call: what the MaskEnforcer added to the step
 
     def prime(self) -> None:
         """Create the optimizer state without a forward pass (so it counts in the memory baseline)."""
@@ -55,9 +56,13 @@ class TrainStep:
         loss = F.cross_entropy(logits, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        start = time.perf_counter()
         self.masks.mask_gradients()
+        masking = time.perf_counter() - start
         self.optimizer.step()
+        start = time.perf_counter()
         self.masks.apply()
+        self.mask_seconds.append(masking + time.perf_counter() - start)
 
 
 def training_net(model, path: str):

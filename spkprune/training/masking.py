@@ -28,26 +28,27 @@ class MaskEnforcer:
         problem = mask_mismatch(masks, params)
         if problem:
             raise SpkpruneError(problem)
+        # Each parameter with its pruned entries (True = pruned), inverted once instead of on every call.
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         for name, mask in masks.items():
             param = params[name]
-            self.pairs.append((param, mask.to(device=param.device, dtype=torch.bool)))
+            self.pairs.append((param, ~mask.to(device=param.device, dtype=torch.bool)))
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        for param, mask in self.pairs:
+        for param, pruned in self.pairs:
             if param.grad is not None:
-                param.grad.masked_fill_(~mask, 0.0)
+                param.grad.masked_fill_(pruned, 0.0)
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero pruned weights and their optimiser state (call after every optimiser step)."""
-        for param, mask in self.pairs:
-            param.masked_fill_(~mask, 0.0)
+        for param, pruned in self.pairs:
+            param.masked_fill_(pruned, 0.0)
             state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    value.masked_fill_(~mask, 0)
+                    value.masked_fill_(pruned, 0)
