@@ -121,5 +121,8 @@ def test_bool_to_converts_through_uint8_with_the_same_values_and_strides():
         converted = neurons.bool_to(spikes, dtype)
         assert converted.dtype == dtype and converted.shape == spikes.shape
         assert torch.equal(converted, spikes.to(dtype))
+        assert converted.stride() == spikes.to(dtype).stride()  # _unpack reads the twin through its strides
+    channels_last = (torch.rand(2, 3, 4, 5, generator=g) > 0.5).contiguous(memory_format=torch.channels_last)
+    assert neurons.bool_to(channels_last, torch.float32).stride() == channels_last.stride()
     counts = torch.tensor([0.0, 2.0, 3.0])
     assert torch.equal(neurons.bool_to(counts, torch.uint8), torch.tensor([0, 2, 3], dtype=torch.uint8))
