@@ -1,6 +1,7 @@
 """Weight pruning: masks (what is pruned, by exact counts) and the lottery-ticket rounds driver (IMP)."""
 
-from spkprune.pruning.imp import CONTROLS, ImpReport, ImpSettings, RoundRow, parse_rewind, plot_imp, run_imp
+from spkprune.pruning.imp import CONTROLS, ImpReport, RoundRow, plot_imp, run_imp
+from spkprune.pruning.settings import ImpSettings, parse_rewind
 from spkprune.pruning.masks import (
     Masks,
     apply_masks,

@@ -113,6 +113,14 @@ class Store:
 
     # ----------------------------------------------------------------------------------------------- opening
     @classmethod
+    def existing(cls, path: str | os.PathLike) -> "Store | None":
+        """The store at `path` for reading, or None when nothing is there yet (reading never creates a store)."""
+        root = Path(path).expanduser()
+        if not root.exists():
+            return None
+        return cls.open(root, create=False)
+
+    @classmethod
     def open(cls, path: str | os.PathLike, create: bool = True) -> "Store":
         """Open the store at `path`; create it there when the path is missing or an empty directory."""
         root = Path(path).expanduser()
