@@ -12,7 +12,7 @@ import spkprune
 from spkprune.errors import SpkpruneError
 from spkprune.models import fastpath
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "spikformer-small"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "spikformer-small"
 SMALL = dict(embed_dim=64, num_heads=4, depth=1, timesteps=2)
 
 
@@ -286,7 +286,7 @@ def test_compiled_neurons_give_the_fixture_spikes_exactly():
     import spkprune
     from spkprune.models.fastpath import prepare_for_inference
 
-    fixtures = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "spikformer-small"
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "spikformer-small"
     golden = load_file(fixtures / "golden_small.safetensors")
     activations = load_file(fixtures / "golden_small_activations.safetensors")
     model = spkprune.create_model("spikformer-4-384-cifar10", embed_dim=64, num_heads=4, depth=1, timesteps=2)

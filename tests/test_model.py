@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import spkprune
 from spkprune.errors import SpkpruneError
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "spikformer-small"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "spikformer-small"
 GOLDEN = FIXTURES / "golden_small.safetensors"
 ACTIVATIONS = FIXTURES / "golden_small_activations.safetensors"
 
