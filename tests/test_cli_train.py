@@ -162,11 +162,11 @@ def test_init_from_a_checkpoint_keeps_its_weights_and_masks(trained, tmp_path):
 
 
 def test_compile_runs_the_fused_training_kernels_through_torch_compile(tmp_path, monkeypatch):
-    from spkprune.models import fused
+    from spkprune.models import lif_kernels
 
     calls = []
-    real = fused._compiled
-    monkeypatch.setattr(fused, "_compiled", lambda name: calls.append(name) or real(name))
+    real = lif_kernels.compiled_kernel
+    monkeypatch.setattr(lif_kernels, "compiled_kernel", lambda name: calls.append(name) or real(name))
     result = _cli(tmp_path, "train", "--arch", PRESET, "--epochs", "1", "--batch-size", "16", "--limit-batches", "1",
                   "--compile", "--name", "c", "--no-progress")
     assert result.exit_code == 0, result.output

@@ -189,7 +189,8 @@ def test_fused_batchnorm_lif_matches_the_separate_modules(kernels, layout):
 def test_fused_site_keeps_only_the_batchnorm_input_for_backward():
     """What one conv/linear -> BN -> LIF site holds between forward and backward, in bytes of saved tensors."""
     from spkprune.models.fused import batch_norm_lif
-    from spkprune.models.neurons import LIF, lean_lif
+    from spkprune.models.lif_kernels import lean_lif
+    from spkprune.models.neurons import LIF
 
     y = torch.randn(4, 256, 32, requires_grad=True)
     bn = torch.nn.BatchNorm1d(32)
@@ -213,9 +214,9 @@ def test_fused_site_keeps_only_the_batchnorm_input_for_backward():
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_spike_max_pool_keeps_only_its_indices_and_gives_the_module_gradient(memory_format):
-    from spkprune.models import neurons
+    from spkprune.models import packing as neurons  # packing split from neurons.py; the test below names it so
     from spkprune.models.fused import can_pool_spikes, max_pool_spikes
-    from spkprune.models.neurons import pack_spikes
+    from spkprune.models.packing import pack_spikes
 
     g = torch.Generator().manual_seed(4)
     spikes = (torch.rand(6, 5, 9, 9, generator=g) < 0.3).float().contiguous(memory_format=memory_format)
@@ -340,7 +341,7 @@ def test_channels_last_patch_splitting_keeps_every_spike(preset, overrides, shap
 
 def test_channels_last_training_packs_the_same_saved_spikes(monkeypatch):
     """With channels-last images every spike map saved for backward is still kept as bool (or uint8)."""
-    from spkprune.models import neurons
+    from spkprune.models import packing as neurons  # packing split from neurons.py; the test below names it so
 
     def packed_bytes(channels_last: bool) -> tuple[int, int]:
         torch.manual_seed(0)
@@ -365,7 +366,7 @@ def test_channels_last_training_packs_the_same_saved_spikes(monkeypatch):
 
 
 def test_dense_order_finds_the_contiguous_view():
-    from spkprune.models.neurons import dense_order, inverse_order
+    from spkprune.models.lif_kernels import dense_order, inverse_order
 
     images = torch.rand(2, 3, 4, 5, 6)
     assert dense_order(images) is None

@@ -17,7 +17,8 @@ one kernel that normalises and charges (BatchNorm's output is never written); ba
 normalised values from Y itself and runs the surrogate recursion; the results agree with the eager kernels to float
 rounding. Several sites whose channels lie side by side in one Y (q, k and v from one product) run as one.
 
-Also here, for the same path: `CompiledLIF` (a neuron without BatchNorm on the compiled kernels) and `MaxPoolSpikes`
+The neuron arithmetic, eager and compiled, is `spkprune.models.lif_kernels` (where `CompiledLIF`, the neuron without
+BatchNorm on the compiled kernels, lives too); this module adds the BatchNorm around it, and `MaxPoolSpikes`
 (max-pooling of spikes that keeps only its indices for backward).
 """
 
@@ -26,108 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from spkprune.models import neurons
+from spkprune.models import lif_kernels
+from spkprune.models.packing import register_spikes
 
 KERNELS = ("eager", "compiled")
-_COMPILED: dict[str, object] = {}
-_SHAPES_PER_KERNEL = 64  # site shapes (and last-batch variants) one process may compile each kernel for
-
-
-def _compiled(name: str):
-    """The `torch.compile`d version of `_FUNCTIONAL[name]`, made on first use."""
-    if name not in _COMPILED:
-        # Static shapes: inductor's kernels for known sizes and strides run about twice as fast as its dynamic-shape
-        # ones here; a model has a handful of site shapes, each compiled once per process (cached on disk).
-        compiled = torch.compile(_FUNCTIONAL[name], dynamic=False)
-
-        def call(*args, compiled=compiled):
-            # Detached aliases are not views: dynamo would otherwise guard on (and recompile for) each view's base.
-            with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_KERNEL):
-                return compiled(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-
-        _COMPILED[name] = call
-    return _COMPILED[name]
-
-
-# ---- neuron kernels: eager (in place, shared with the lean LIF) and functional (for torch.compile) ------------------
-
-
-def _backward_eager(z, grad, tau: float, threshold: float, alpha: float):
-    neurons.charge_in_place(z, tau, threshold)
-    return neurons.surrogate_backward(z, grad, tau, threshold, alpha, overwrite=True)
-
-
-def _backward_functional(z, grad, tau: float, threshold: float, alpha: float):
-    """dL/dz of the LIF from `z [T, ...]` (a tensor or a list of per-step tensors) and dL/dS."""
-    v = torch.zeros_like(z[0])
-    potentials = []
-    for t in range(len(z)):
-        h = (z[t] - v) / tau + v
-        potentials.append(h)
-        v = torch.where(h >= threshold, torch.zeros_like(h), h)
-    grad_z = [None] * len(potentials)
-    carry = None
-    for t in range(len(potentials) - 1, -1, -1):
-        h = potentials[t]
-        s = torch.sigmoid(alpha * (h - threshold))
-        grad_h = grad[t] * ((1 - s) * s * alpha)
-        if carry is not None:
-            grad_h = grad_h + torch.where(h >= threshold, torch.zeros_like(carry), carry)
-        grad_z[t] = grad_h / tau
-        carry = grad_h - grad_h / tau
-    return torch.stack(grad_z)
-
-
-def _normalised_steps(y, mean, invstd, weight, bias, channel_dim: int) -> list:
-    """BatchNorm's output for each step of `y`, formed as its CPU kernel forms it (a per-channel scale and shift),
-    with every step viewed as `[outer, C, inner]`: all steps then share one loop nest in inductor's kernel (without
-    it inductor wrote the normalised values of every step to memory first: 13 % slower on a `[4, 16, 64, 1536]`
-    site)."""
-    outer = 1
-    for size in y.shape[1:channel_dim]:
-        outer *= size
-    y = y.reshape(y.shape[0], outer, y.shape[channel_dim], -1)
-    mean, invstd, weight, bias = (t.view(1, -1, 1) for t in (mean, invstd, weight, bias))
-    scale = invstd * weight
-    shift = bias - mean * scale
-    return [y[t] * scale + shift for t in range(y.shape[0])]
-
-
-def _backward_from_input_functional(y, grad, mean, invstd, weight, bias, channel_dim: int, tau: float,
-                                    threshold: float, alpha: float):
-    """`_backward_functional` on the BatchNorm input: the normalised values are formed inside the same kernel instead
-    of being recomputed to memory."""
-    steps = _normalised_steps(y, mean, invstd, weight, bias, channel_dim)
-    return _backward_functional(steps, grad.reshape(len(steps), *steps[0].shape), tau, threshold, alpha)
-
-
-def _charge_from_input_functional(y, mean, invstd, weight, bias, channel_dim: int, tau: float, threshold: float):
-    """The float spikes of `LIF(BatchNorm(y))` given BatchNorm's statistics, the normalised values formed inside the
-    kernel: BatchNorm's output is never written to memory."""
-    steps = _normalised_steps(y, mean, invstd, weight, bias, channel_dim)
-    v = torch.zeros_like(steps[0])
-    spikes = []
-    for z in steps:
-        h = v + (z - v) / tau  # the lean neuron's arithmetic (see neurons._lif_inference)
-        fired = h >= threshold
-        spikes.append(fired.to(y.dtype))
-        v = torch.where(fired, torch.zeros_like(h), h)
-    return torch.stack(spikes).view(y.shape)
-
-
-def _charge_functional(z, tau: float, threshold: float):
-    """The compiled inference neuron's arithmetic: float spikes (inductor's CPU code stores bool outputs about 7x
-    slower than floats) in a new tensor. Written over `z` instead, inductor still fills a buffer of its own first and
-    then copies it: twice the stores (an `[4, 16, 64, 1536]` site: 3.2 ms in place, 1.5 ms so)."""
-    return neurons._lif_inference(z, tau, threshold)
-
-
-_FUNCTIONAL = {
-    "charge": _charge_functional,
-    "backward": _backward_functional,
-    "backward_from_input": _backward_from_input_functional,
-    "charge_from_input": _charge_from_input_functional,
-}
 
 
 def _native_view(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -156,7 +59,8 @@ class FusedBatchNormLIF(torch.autograd.Function):
             # running-statistics update), then one kernel that normalises and charges: no normalised tensor.
             mean, var = torch.batch_norm_update_stats(native, running_mean, running_var, momentum)
             invstd = (var.double() + eps).rsqrt().to(var.dtype)
-            out = _compiled("charge_from_input")(y, mean, invstd, weight, bias, channel_dim, tau, threshold)
+            charge = lif_kernels.compiled_kernel("charge_from_input")
+            out = charge(y, mean, invstd, weight, bias, channel_dim, tau, threshold)
             as_bool = None
         else:
             # The normalised values in a tensor of y's shape (returning a view of BatchNorm's own output kept about
@@ -165,13 +69,13 @@ class FusedBatchNormLIF(torch.autograd.Function):
             mean, invstd = y.new_empty(y.shape[channel_dim]), y.new_empty(y.shape[channel_dim])
             torch.ops.aten.native_batch_norm.out(native, weight, bias, running_mean, running_var, True, momentum, eps,
                                                  out=_native_view(out, channel_dim), save_mean=mean, save_invstd=invstd)
-            as_bool = neurons.charge_in_place(out, tau, threshold)
-            out.copy_(as_bool.view(torch.uint8))  # see neurons.bool_to
+            as_bool = lif_kernels.charge_in_place(out, tau, threshold)
+            out.copy_(as_bool.view(torch.uint8))  # see packing.bool_to
         if len(bns) > 1 and running_mean is not None:
             _store_running_stats(bns, running_mean, running_var)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
         ctx.settings = (tau, threshold, float(lif.surrogate_function.alpha), channel_dim, eps, kernels)
-        neurons.register_spikes(out, as_bool)
+        register_spikes(out, as_bool)
         return out
 
     @staticmethod
@@ -180,13 +84,13 @@ class FusedBatchNormLIF(torch.autograd.Function):
         tau, threshold, alpha, channel_dim, eps, kernels = ctx.settings
         native = _native_view(y, channel_dim)
         if kernels == "compiled":
-            grad_z = _compiled("backward_from_input")(
+            grad_z = lif_kernels.compiled_kernel("backward_from_input")(
                 y, grad.contiguous(), mean, invstd, weight, bias, channel_dim, tau, threshold, alpha
             ).view(y.shape)
         else:
             # The same kernel on the same input gives the forward's normalised values bit for bit.
             z = torch.native_batch_norm(native, weight, bias, None, None, True, 0.0, eps)[0]
-            grad_z = _backward_eager(z.view(y.shape), grad.contiguous(), tau, threshold, alpha)
+            grad_z = lif_kernels.backward_in_place(z.view(y.shape), grad.contiguous(), tau, threshold, alpha)
         grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_z.view(native.shape), native, weight, None, None, mean, invstd, True, eps,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
@@ -205,7 +109,7 @@ class MaxPoolSpikes(torch.autograd.Function):
         out, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
         ctx.save_for_backward(indices)
         ctx.geometry = (x.shape, x.stride(), kernel_size, stride, padding)
-        neurons.register_spikes(out)
+        register_spikes(out)
         return out
 
     @staticmethod
@@ -218,30 +122,6 @@ class MaxPoolSpikes(torch.autograd.Function):
             grad, like_input, kernel_size, stride, padding, [1, 1], False, indices
         )
         return grad_input, None, None, None
-
-
-class CompiledLIF(torch.autograd.Function):
-    """The LIF of a site without BatchNorm before it (the attention neuron) on the compiled training kernels: the
-    forward charge as the fused sites run it, and the surrogate recursion in one kernel that recomputes the potentials
-    from the input. Keeps the input, as `LeanLIF` keeps the potentials: the same bytes."""
-
-    @staticmethod
-    def forward(ctx, x, tau: float, threshold: float, alpha: float):
-        spikes = _compiled("charge")(x, tau, threshold)
-        ctx.save_for_backward(x)
-        ctx.settings = (tau, threshold, alpha)
-        neurons.register_spikes(spikes)
-        return spikes
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return _compiled("backward")(x, grad.contiguous(), *ctx.settings), None, None, None
-
-
-def compiled_lif(x: torch.Tensor, tau: float, threshold: float, alpha: float) -> torch.Tensor:
-    """Spikes `[T, ...]` of a LIF driven by the contiguous float `x`, with gradients, through `CompiledLIF`."""
-    return CompiledLIF.apply(x, float(tau), float(threshold), float(alpha))
 
 
 def max_pool_spikes(x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
@@ -327,13 +207,13 @@ def batch_norm_lif(y: torch.Tensor, bn, lif, channel_dim: int, kernels: str = "e
     site_dim = channel_dim % y.dim()
     weight = torch.cat([b.weight for b in bns]) if len(bns) > 1 else bns[0].weight
     bias = torch.cat([b.bias for b in bns]) if len(bns) > 1 else bns[0].bias
-    order = neurons.dense_order(y)
+    order = lif_kernels.dense_order(y)
     if order is None:
         spikes = FusedBatchNormLIF.apply(y, weight, bias, bns, lifs[0], channel_dim, kernels)
     else:
         channel_dim = order.index(channel_dim % y.dim())
         spikes = FusedBatchNormLIF.apply(y.permute(order), weight, bias, bns, lifs[0], channel_dim, kernels)
-        spikes = spikes.permute(neurons.inverse_order(order))
+        spikes = spikes.permute(lif_kernels.inverse_order(order))
     if any(getattr(n, "record", False) for n in lifs):
         pieces = spikes.detach().split([b.num_features for b in bns], dim=site_dim)
         for n, piece in zip(lifs, pieces):
@@ -343,6 +223,5 @@ def batch_norm_lif(y: torch.Tensor, bn, lif, channel_dim: int, kernels: str = "e
 
 
 __all__ = [
-    "KERNELS", "CompiledLIF", "FusedBatchNormLIF", "MaxPoolSpikes",
-    "batch_norm_lif", "can_fuse", "can_pool_spikes", "compiled_lif", "max_pool_spikes",
+    "KERNELS", "FusedBatchNormLIF", "MaxPoolSpikes", "batch_norm_lif", "can_fuse", "can_pool_spikes", "max_pool_spikes",
 ]

@@ -17,13 +17,8 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max_pool_spikes
-from spkprune.models.neurons import (
-    ATTN_THRESHOLD,
-    LIF,
-    packing_active,
-    register_small_integers,
-    register_spikes,
-)
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.packing import packing_active, register_small_integers, register_spikes
 from spkprune.models.presets import SpikformerConfig
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
