@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import pickletools
+import struct
 
 import numpy as np
 import pytest
 import torch
 
 from spkprune.data import dataset_info, get_dataset, make_loader
+from spkprune.data.safe_pickle import _reconstruct
 from spkprune.errors import SpkpruneError
 
 torch.set_num_threads(1)
@@ -65,9 +68,51 @@ def test_loader_is_seeded():
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR
-def _write_batch(path, images, labels, label_key):
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the original CIFAR files (protocol 2): every string as a Python 2
+    `str` opcode (read back as bytes with encoding="bytes") and numpy 1's `numpy.core.multiarray._reconstruct`."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("ascii") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is _reconstruct:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _cifar_entry(images, labels, label_key) -> dict:
+    """A batch dict with every key of the original files (CIFAR-100's also has coarse labels)."""
+    entry = {
+        b"batch_label": b"testing batch 1 of 1",
+        b"data": images.reshape(len(images), -1),
+        label_key: list(labels),
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
+    }
+    if label_key == b"fine_labels":
+        entry[b"coarse_labels"] = [label // 5 for label in labels]
+    return entry
+
+
+def _write_batch(path, images, labels, label_key, style="python2"):
+    entry = _cifar_entry(images, labels, label_key)
     with open(path, "wb") as f:
-        pickle.dump({b"data": images.reshape(len(images), -1), label_key: list(labels), b"batch_label": b"x"}, f)
+        if style == "python2":
+            _Python2Pickler(f, protocol=2).dump(entry)
+        else:  # "python3": what pickle.dump(entry, f, protocol=2) writes today (bytes through _codecs.encode)
+            pickle.dump(entry, f, protocol=2)
 
 
 def _fake_cifar10(root):
@@ -104,15 +149,112 @@ def test_cifar_training_augmentation_runs(tmp_path):
     assert any(not torch.equal(x, plain[i % 10][0]) for i, x in enumerate(batch))
 
 
-def test_cifar100_layout(tmp_path):
+@pytest.mark.parametrize("style", ["python2", "python3"])
+def test_cifar100_layout(tmp_path, style):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     images = np.arange(2 * 3 * 32 * 32, dtype=np.int64).astype(np.uint8).reshape(2, 3, 32, 32)
-    _write_batch(folder / "train", images, [42, 99], b"fine_labels")
-    _write_batch(folder / "test", images[:1], [5], b"fine_labels")
+    _write_batch(folder / "train", images, [42, 99], b"fine_labels", style)
+    _write_batch(folder / "test", images[:1], [5], b"fine_labels", style)
     train = get_dataset("cifar100", "train", data_dir=tmp_path)
     assert train.targets.tolist() == [42, 99] and len(get_dataset("cifar100", "test", data_dir=tmp_path)) == 1
+    assert torch.equal(train.images, torch.from_numpy(images))
     assert dataset_info("cifar100").num_classes == 100
+
+
+def _globals(path) -> set[str]:
+    """The module.name pairs a pickle file names (GLOBAL and STACK_GLOBAL)."""
+    ops = list(pickletools.genops(path.read_bytes()))
+    named = {arg.replace(" ", ".") for op, arg, _ in ops if op.name == "GLOBAL"}
+    strings = [arg for op, arg, _ in ops if "UNICODE" in op.name]
+    return named | {f"{a}.{b}" for a, b in zip(strings, strings[1:]) if any(op.name == "STACK_GLOBAL" for op, _, _ in ops)}
+
+
+@pytest.mark.parametrize("name,label_key", [("cifar10", b"labels"), ("cifar100", b"fine_labels")])
+def test_real_format_batches_load_with_only_numpy_array_reconstruction(tmp_path, name, label_key):
+    """Files as the official archives hold them: Python 2 protocol-2 pickles of str-keyed dicts with a uint8 array."""
+    folder = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir()
+    test_file = folder / ("test_batch" if name == "cifar10" else "test")
+    images = np.random.default_rng(3).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    _write_batch(test_file, images, [3, 1, 4, 1], label_key)
+    assert test_file.read_bytes()[:2] == b"\x80\x02"  # protocol 2
+    assert _globals(test_file) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    data = get_dataset(name, "test", data_dir=tmp_path)
+    assert torch.equal(data.images, torch.from_numpy(images)) and data.targets.tolist() == [3, 1, 4, 1]
+
+
+class _Payload:
+    """Pickles as a call of `func(*args)`: what a crafted batch file runs under plain pickle.load."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _payloads(marker):
+    import builtins
+    import os
+    import subprocess
+
+    return {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "builtins.eval": _Payload(builtins.eval, f"open({str(marker)!r}, 'w')"),
+        "builtins.exec": _Payload(builtins.exec, f"open({str(marker)!r}, 'w')"),
+        "subprocess.check_call": _Payload(subprocess.check_call, ["touch", str(marker)]),
+        "builtins.getattr": _Payload(getattr, np.ndarray, "tofile"),  # a gadget chain through an allowed class
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "builtins.exec", "subprocess.check_call",
+                                     "builtins.getattr"])
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_a_reduce_payload_in_a_batch_file_is_refused_without_running(tmp_path, payload, protocol):
+    marker = tmp_path / "pwned"
+    _fake_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    images = np.zeros((1, 3072), dtype=np.uint8)
+    entry = {b"data": images, b"labels": [0], b"batch_label": _payloads(marker)[payload]}  # hidden among real keys
+    test_batch.write_bytes(pickle.dumps(entry, protocol=protocol))
+    with pytest.raises(SpkpruneError) as err:
+        get_dataset("cifar10", "test", data_dir=tmp_path)
+    message = str(err.value)
+    assert not marker.exists()
+    assert "\n" not in message and str(test_batch) in message
+    assert "refused without running it" in message and "re-download" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    if payload != "builtins.getattr":  # the control: plain pickle.load does run it
+        pickle.loads(test_batch.read_bytes())
+        assert marker.exists()
+
+
+def test_a_codec_other_than_latin1_is_refused(tmp_path):
+    _fake_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    # _codecs.encode is allowed only as protocol-2 pickles use it for bytes; any other codec is refused.
+    test_batch.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x06\x00\x00\x00base64\x86R.")
+    with pytest.raises(SpkpruneError, match=r"test_batch is not a CIFAR python batch file .*codec 'base64'"):
+        get_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, bytes(range(256)) * 4, b"\x80\x02}q\x00(U\x04data"])
+def test_random_or_truncated_batch_files_are_one_line_errors(tmp_path, content):
+    _fake_cifar10(tmp_path)
+    test_batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    test_batch.write_bytes(content)
+    with pytest.raises(SpkpruneError, match=r"test_batch is not a CIFAR python batch file .*re-download "
+                                            r"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz") as err:
+        get_dataset("cifar10", "test", data_dir=tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_batch_that_is_not_a_dict_is_a_one_line_error(tmp_path):
+    _fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    with pytest.raises(SpkpruneError, match=r"not a CIFAR python batch file \(it holds a list\)"):
+        get_dataset("cifar10", "test", data_dir=tmp_path)
 
 
 def test_missing_cifar_says_what_to_put_where(tmp_path):

@@ -1,12 +1,12 @@
 """CIFAR-10 / CIFAR-100 from the official "python version" archives, extracted under a local directory.
 
-The official format is a pickled dict per batch file; it is read with `pickle.load(f, encoding="bytes")`, as
-torchvision does. This is the only place spkprune unpickles anything, and only these well-known file names.
+The official format is a Python 2 pickle (protocol 2) of a dict per batch file, read with `encoding="bytes"` as
+torchvision does, but through an unpickler that builds only plain data and numpy arrays: a crafted batch file is
+refused before anything it names is imported or called.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spkprune.data.augment import cifar_transform
+from spkprune.data.safe_pickle import RefusedGlobal, load_plain_data
 from spkprune.errors import SpkpruneError
 
 _LAYOUT = {
@@ -53,15 +54,37 @@ def _batch_files(name: str, split: str, data_dir: str | Path | None) -> list[Pat
     return files
 
 
-def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
+def _read_batch(path: Path, layout: dict) -> tuple[np.ndarray, np.ndarray]:
+    advice = f"re-download {layout['url']} and extract it"
+    entry = _unpickle_batch(path, advice)
     try:
         images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
+        labels = np.asarray(entry[layout["label_key"]], dtype=np.int64)
     except (KeyError, ValueError, TypeError) as err:
-        raise SpkpruneError(f"{path} is not a CIFAR python batch file ({err}); re-extract the official archive") from None
+        raise SpkpruneError(f"{path} is not a CIFAR python batch file ({_one_line(err)}); {advice}") from None
     return images, labels
+
+
+def _unpickle_batch(path: Path, advice: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = load_plain_data(f, encoding="bytes")
+    except RefusedGlobal as err:
+        raise SpkpruneError(
+            f"{path} is not a CIFAR python batch file: it pickles {err}, which the data set never holds "
+            f"(refused without running it); {advice}"
+        ) from None
+    except Exception as err:  # random or truncated bytes raise many types (UnpicklingError, EOFError, ValueError...)
+        raise SpkpruneError(
+            f"{path} is not a CIFAR python batch file ({type(err).__name__}: {_one_line(err)}); {advice}"
+        ) from None
+    if not isinstance(entry, dict):
+        raise SpkpruneError(f"{path} is not a CIFAR python batch file (it holds a {type(entry).__name__}); {advice}")
+    return entry
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 class CifarDataset(Dataset):
@@ -69,7 +92,7 @@ class CifarDataset(Dataset):
 
     def __init__(self, name: str, split: str, data_dir: str | Path | None, augment: bool = False):
         layout = _LAYOUT[name]
-        batches = [_read_batch(path, layout["label_key"]) for path in _batch_files(name, split, data_dir)]
+        batches = [_read_batch(path, layout) for path in _batch_files(name, split, data_dir)]
         self.images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
         self.targets = torch.from_numpy(np.concatenate([b[1] for b in batches]))
         self.transform = cifar_transform(layout["mean"], layout["std"], augment)
