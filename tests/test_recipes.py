@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -16,7 +17,8 @@ from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.errors import SpkpruneError
 from spkprune.recipes import STAGE_TYPES, RecipeError, load_recipe, parse_recipe, plan, run_recipe, summary_frame
-from spkprune.recipes import stages as adapters
+from spkprune.pruning.settings import ImpCommandSettings
+from spkprune.recipes import stages
 from spkprune.recipes.record import RunRecord
 from spkprune.store import Store
 
@@ -80,14 +82,14 @@ def test_digits_quick_is_the_documented_pipeline():
     "edit, expected",
     [
         ({"stages.dense.epoch": 3}, "stages.dense.epoch: unknown option for stage type train (did you mean 'epochs'?)"),
-        ({"stages.dense.epochs": "ten"}, "stages.dense.epochs: expected an integer >= 1, got 'ten'"),
-        ({"stages.dense.epochs": 0}, "stages.dense.epochs: expected an integer >= 1, got 0"),
-        ({"stages.ticket.target": 1.5}, "stages.ticket.target: expected a number in [0, 1], got 1.5"),
-        ({"stages.ticket.scope": "local"}, "stages.ticket.scope: expected one of global, layerwise, got 'local'"),
+        ({"stages.dense.epochs": "ten"}, "stages.dense.epochs: must be an integer (got 'ten')"),
+        ({"stages.dense.epochs": 0}, "stages.dense.epochs: must be >= 1 (got 0)"),
+        ({"stages.ticket.target": 1.5}, "stages.ticket.target: must be < 1 (got 1.5)"),
+        ({"stages.ticket.scope": "local"}, "stages.ticket.scope: must be 'global' or 'layerwise' (got 'local')"),
         ({"stages.ticket.from": "dnese"}, "stages.ticket.from: 'dnese' is not an earlier stage (did you mean 'dense'?)"),
         ({"stages.ticket.from": "flops"}, "stages.ticket.from: 'flops': stage 'flops' comes later in the recipe"),
         ({"stages.dense.type": "trian"}, "stages.dense.type: unknown stage type 'trian' (did you mean 'train'?)"),
-        ({"stages.dense.resume": True}, "stages.dense.resume: is set by the runner"),
+        ({"stages.dense.resume": True}, "stages.dense.resume: is not a recipe option"),
         ({"modle": "x"}, "modle: unknown key (did you mean 'model'?)"),
         ({"model": "spikformer-9-9"}, "model: unknown model preset 'spikformer-9-9'"),
         ({"data.dataset": "mnist"}, "data.dataset: unknown dataset 'mnist'"),
@@ -114,7 +116,7 @@ def test_cli_reports_recipe_errors_on_one_line_with_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), "run", str(bad), "--dry-run"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines() if hasattr(result, "stderr") else result.output.strip().splitlines()
-    assert lines == [f"error: {bad}: stages.dense.epochs: expected an integer >= 1, got 'many'"]
+    assert lines == [f"error: {bad}: stages.dense.epochs: must be an integer (got 'many')"]
     assert not (tmp_path / "s").exists()  # validation happens before anything touches the store
 
 
@@ -140,7 +142,7 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("imp.rounds=five", "stages.ticket.rounds: expected an integer >= 1, got 'five'"),
+        ("imp.rounds=five", "stages.ticket.rounds: must be an integer (got 'five')"),
         ("imp.roundz=5", "stages.ticket.roundz: unknown option for stage type imp (did you mean 'rounds'?)"),
         ("foo.bar=1", "override 'foo.bar=1': 'foo' is not a recipe key, a stage name or a stage type"),
         ("seed", "override 'seed': expected key=value"),
@@ -196,50 +198,62 @@ def test_stage_tags_and_external_refs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ runner (fake commands)
-class FakeCommands:
-    """Stands in for the stage commands: writes what each real command writes, and counts invocations."""
+class FakeLibrary:
+    """Stands in for the library calls the stages make: writes what each real call writes, returns result objects
+    shaped like the real ones, and records every call with the settings it got."""
 
     def __init__(self, monkeypatch):
-        self.calls: list[list[str]] = []
+        self.calls: list[tuple[str, object]] = []
         self.fail_on: str | None = None
-        monkeypatch.setattr(adapters, "invoke", self)
+        for attr, kind in (("train_job", "train"), ("run_imp_command", "imp"), ("select_tokens_job", "select-tokens"),
+                           ("evaluate_job", "evaluate"), ("flops_report", "flops"), ("export_job", "export")):
+            monkeypatch.setattr(stages, attr, self._call(kind))
 
-    def __call__(self, argv: list[str], store_dir: Path) -> str:
-        self.calls.append(argv)
-        if self.fail_on == argv[0]:
-            raise KeyboardInterrupt
-        store = Store.open(store_dir)
-        opts = _opts(argv)
-        kind = argv[0]
-        if kind == "train":
-            for tag, top1 in (("init", 0.1), ("main", 0.95)):
-                _save(store, opts["--name"], tag, 0.0, top1, replace="--resume" in argv)
-        elif kind == "imp":
-            rounds = int(opts["--rounds"])
-            rows = []
-            for k in range(rounds + 1):
-                if not store.exists(opts["--name"], f"round-{k}"):
-                    _save(store, opts["--name"], f"round-{k}", k / rounds * float(opts["--target"]), 0.9)
-                rows.append({"round": k, "kind": "ticket", "sparsity_prunable": k / rounds, "top1": 0.9})
-            return json.dumps({"final": f"{opts['--name']}@round-{rounds}", "rows": rows, "plot": "p.png"})
-        elif kind == "select-tokens":
-            _save(store, opts["--name"], "main", 0.5, 0.93, selector={"keep": float(opts["--keep"])})
-            return json.dumps({"student_top1": 0.93, "rows": [{"block": 0, "tokens": 16}, {"block": 1, "tokens": 11}]})
-        elif kind == "evaluate":
-            return json.dumps({"top1": 0.93, "top5": 1.0, "loss": 0.3, "tokens_per_block": [16, 11]})
-        elif kind == "flops":
-            return json.dumps({"totals": {"dense_macs": 100, "nonzero_macs": 40, "sops": 7, "energy_mj": 2e-6},
-                               "tokens_per_block": [16, 11], "num_tokens": 16})
-        elif kind == "export":
-            out = Path(opts["--out"])
-            out.mkdir(parents=True, exist_ok="--overwrite" in argv)
-            (out / "model.sparse.safetensors").write_bytes(b"x" * 10)
-            (out / "README.md").write_text(json.dumps(load_checkpoint(argv[1], store).meta["recipe"]))
-        return ""
+    def _call(self, kind):
+        def call(*args, **kwargs):
+            store, settings = (args[1], args[0]) if kind == "flops" else (args[0], args[1])
+            self.calls.append((kind, settings))
+            if self.fail_on == kind:
+                raise KeyboardInterrupt
+            return getattr(self, kind.replace("-", "_"))(store, settings)
 
+        return call
 
-def _opts(argv: list[str]) -> dict[str, str]:
-    return {a: b for a, b in zip(argv, argv[1:] + [""]) if a.startswith("--")}
+    @property
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.calls]
+
+    def train(self, store, s):
+        for tag, top1 in (("init", 0.1), ("main", 0.95)):
+            _save(store, s.name, tag, 0.0, top1, replace=s.resume)
+        return SimpleNamespace(artifact=store.resolve(f"{s.name}@main"))
+
+    def imp(self, store, s):
+        rows = []
+        for k in range(s.rounds + 1):
+            if not store.exists(s.name, f"round-{k}"):
+                _save(store, s.name, f"round-{k}", k / s.rounds * s.target, 0.9)
+            rows.append(SimpleNamespace(round=k, kind="ticket", ref=f"{s.name}@round-{k}", sparsity_prunable=k / s.rounds,
+                                        top1=0.9))
+        return SimpleNamespace(rows=rows, plot=Path("p.png"))
+
+    def select_tokens(self, store, s):
+        _save(store, s.name, "main", 0.5, 0.93, selector={"keep": s.keep}, replace=s.overwrite)
+        return SimpleNamespace(artifact=store.resolve(f"{s.name}@main"), result=SimpleNamespace(metrics={"top1": 0.93}),
+                               tokens_per_block=[16, 11], analysis=None)
+
+    def evaluate(self, store, s):
+        return {"top1": 0.93, "top5": 1.0, "loss": 0.3, "tokens_per_block": [16, 11]}
+
+    def flops(self, store, s):
+        return {"totals": {"dense_macs": 100, "nonzero_macs": 40, "sops": 7, "energy_mj": 2e-6},
+                "tokens_per_block": [16, 11], "num_tokens": 16}
+
+    def export(self, store, s):
+        s.out.mkdir(parents=True, exist_ok=s.overwrite)
+        (s.out / "model.sparse.safetensors").write_bytes(b"x" * 10)
+        (s.out / "README.md").write_text(json.dumps(load_checkpoint(s.ref, store).meta["recipe"]))
+        return SimpleNamespace(export=SimpleNamespace(folder=s.out))
 
 
 def _save(store, name, tag, sparsity, top1, selector=None, replace=False):
@@ -249,13 +263,13 @@ def _save(store, name, tag, sparsity, top1, selector=None, replace=False):
 
 
 def test_run_skips_finished_stages_and_stamps_the_recipe(tmp_path, monkeypatch):
-    fake = FakeCommands(monkeypatch)
+    fake = FakeLibrary(monkeypatch)
     recipe = tiny(tmp_path)
     store_dir = tmp_path / "store"
     report = run_recipe(recipe, store_dir)
-    assert [c[0] for c in fake.calls] == ["train", "imp", "select-tokens", "evaluate", "flops", "export"]
-    assert fake.calls[1] == ["imp", "tiny-dense@main", "--name", "tiny-ticket", "--rounds", "2", "--target", "0.5",
-                             "--epochs-per-round", "1", "--seed", "3", "--format", "json", "--no-progress"]
+    assert fake.kinds == ["train", "imp", "select-tokens", "evaluate", "flops", "export"]
+    assert fake.calls[1][1] == ImpCommandSettings(ref="tiny-dense@main", name="tiny-ticket", rounds=2, target=0.5,
+                                                  epochs_per_round=1, seed=3)
     store = Store.open(store_dir)
     for ref in ("tiny-dense@main", "tiny-dense@init", "tiny-ticket@round-2", "tiny-selected@main"):
         meta = store.resolve(ref).meta
@@ -277,7 +291,7 @@ def test_run_skips_finished_stages_and_stamps_the_recipe(tmp_path, monkeypatch):
 
 
 def test_changed_option_reruns_that_stage_and_what_follows(tmp_path, monkeypatch):
-    fake = FakeCommands(monkeypatch)
+    fake = FakeLibrary(monkeypatch)
     store_dir = tmp_path / "store"
     run_recipe(tiny(tmp_path), store_dir)
     dense_sha = Store.open(store_dir).resolve("tiny-dense@main").sha256
@@ -285,15 +299,15 @@ def test_changed_option_reruns_that_stage_and_what_follows(tmp_path, monkeypatch
     changed = tiny(tmp_path, ["vars.keep=0.5"])
     assert [o.action for o in plan(changed, store_dir)] == ["skip", "skip", "run", "run", "run", "run"]
     run_recipe(changed, store_dir)
-    assert [c[0] for c in fake.calls] == ["select-tokens", "evaluate", "flops", "export"]
-    assert "--overwrite" in fake.calls[-1]  # the export folder is this stage's own
+    assert fake.kinds == ["select-tokens", "evaluate", "flops", "export"]
+    assert fake.calls[-1][1].overwrite  # the export folder is this stage's own
     store = Store.open(store_dir)
     assert store.resolve("tiny-dense@main").sha256 == dense_sha
     assert store.resolve("tiny-selected@main").meta["selector"] == {"keep": 0.5}
 
 
 def test_interrupted_stage_resumes(tmp_path, monkeypatch):
-    fake = FakeCommands(monkeypatch)
+    fake = FakeLibrary(monkeypatch)
     store_dir = tmp_path / "store"
     fake.fail_on = "select-tokens"
     with pytest.raises(KeyboardInterrupt):
@@ -306,20 +320,33 @@ def test_interrupted_stage_resumes(tmp_path, monkeypatch):
     record.stages["ticket"]["status"] = "running"
     record.save()
     run_recipe(tiny(tmp_path), store_dir)
-    assert [c[0] for c in fake.calls] == ["imp", "select-tokens", "evaluate", "flops", "export"]
-    assert "--resume" in fake.calls[0]
+    assert fake.kinds == ["imp", "select-tokens", "evaluate", "flops", "export"]
+    assert fake.calls[0][1].resume
 
 
-def test_resumed_train_drops_what_the_run_already_fixed(tmp_path):
-    dense = tiny(tmp_path, ["dense.init=hf://org/w"]).stage("dense")
-    fresh, resumed = adapters.argv_for(dense), adapters.argv_for(dense, resume=True)
-    assert fresh[:3] == ["train", "--arch", "spikformer-2-64-digits"] and "--init" in fresh
-    assert "--arch" not in resumed and "--init" not in resumed and resumed[-1] == "--resume"
-    assert resumed[1:3] == ["--dataset", "digits"]
+def test_resumed_train_drops_what_the_run_already_fixed(tmp_path, monkeypatch):
+    fake = FakeLibrary(monkeypatch)
+    store_dir = tmp_path / "store"
+    recipe = tiny(tmp_path, ["dense.init=hf://org/w"])
+    fake.fail_on = "imp"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, store_dir)
+    fresh = fake.calls[0][1]
+    assert (fresh.arch, fresh.init, fresh.resume) == ("spikformer-2-64-digits", "hf://org/w", False)
+    record = RunRecord.load(store_dir, "tiny")
+    record.stages["dense"]["status"] = "running"
+    record.save()
+    fake.calls.clear()
+    fake.fail_on = "imp"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, store_dir)
+    resumed = fake.calls[0][1]
+    assert (resumed.arch, resumed.init, resumed.resume) == (None, None, True)
+    assert (resumed.dataset, resumed.name) == ("digits", "tiny-dense")
 
 
 def test_run_refuses_to_overwrite_what_it_did_not_make(tmp_path, monkeypatch):
-    FakeCommands(monkeypatch)
+    FakeLibrary(monkeypatch)
     store_dir = tmp_path / "store"
     _save(Store.open(store_dir), "tiny-dense", "main", 0.0, 0.5)
     with pytest.raises(SpkpruneError, match="stages.dense: the store already holds tiny-dense"):
@@ -327,32 +354,31 @@ def test_run_refuses_to_overwrite_what_it_did_not_make(tmp_path, monkeypatch):
 
 
 def test_deleted_output_is_rebuilt(tmp_path, monkeypatch):
-    fake = FakeCommands(monkeypatch)
+    fake = FakeLibrary(monkeypatch)
     store_dir = tmp_path / "store"
     run_recipe(tiny(tmp_path), store_dir)
     Store.open(store_dir).delete("tiny-selected", "main")
     fake.calls.clear()
     run_recipe(tiny(tmp_path), store_dir)
-    assert [c[0] for c in fake.calls] == ["select-tokens", "evaluate", "flops", "export"]
+    assert fake.kinds == ["select-tokens", "evaluate", "flops", "export"]
 
 
 # ------------------------------------------------------------------------------------------ CLI contract
-def test_schema_matches_the_cli_commands():
+def test_every_stage_option_is_a_cli_option_of_the_same_command():
+    """Recipes and the CLI read one settings declaration: each stage option is the same command's CLI parameter."""
     import typer.main
 
     group = typer.main.get_command(app)
+    commands = {"flops": group.commands["flops"].commands["report"]}
     for stype in STAGE_TYPES.values():
-        node = group
-        for part in stype.command:
-            node = node.commands.get(part) if hasattr(node, "commands") else None
-            if node is None:
-                pytest.fail(f"spkprune has no command {' '.join(stype.command)}")
-        cli = {p.name for p in node.params if p.name not in ("ctx",)}
-        ours = {("ref" if key == stype.positional else key) for key in stype.options} | set(stype.managed)
-        renamed = {"fmt": "format"}
-        cli = {renamed.get(name, name) for name in cli}
-        unknown = ours - cli
-        assert not unknown, f"{stype.name}: recipe options the CLI lacks: {sorted(unknown)}"
+        node = commands.get(stype.name) or group.commands[stype.name]
+        cli = {p.name: p for p in node.params}
+        for key, opt in stype.options.items():
+            assert opt.field in cli, f"{stype.name}: recipe option {key} is not a CLI parameter"
+            param = cli[opt.field]
+            if not param.required and not opt.info.is_required() and not isinstance(opt.info.default, tuple):
+                default = opt.info.default
+                assert param.default == (str(default) if isinstance(default, Path) else default), (stype.name, key)
 
 
 @pytest.mark.slow
@@ -374,12 +400,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert again.exit_code == 0 and {r["status"] for r in json.loads(again.stdout)["rows"]} == {"skipped"}
 
 
-def test_invoke_runs_the_real_command_in_process(tmp_path):
-    out = adapters.invoke(["flops", "report", "spikformer-2-64-digits", "--keep", "0.5", "--format", "json"], tmp_path)
-    doc = json.loads(out)
-    assert doc["tokens_per_block"] == [16, 8] and doc["totals"]["dense_macs"] > 0
-    Store.open(tmp_path / "s")
-    with pytest.raises(SpkpruneError, match=f"no artifact named 'x': store {tmp_path / 's'} is empty"):
-        adapters.invoke(["evaluate", "x@main"], tmp_path / "s")  # the stage's own store, not ./spkprune-store
-    with pytest.raises(SpkpruneError, match="No such option: --bogus"):
-        adapters.invoke(["evaluate", "x@main", "--bogus"], tmp_path)
+def test_flops_stage_calls_the_library_like_the_command(tmp_path):
+    settings = STAGE_TYPES["flops"].build({"from": "spikformer-2-64-digits", "keep": "0.5"})
+    result = stages.run_flops(None, settings, progress=False, log=lambda m: None)
+    assert result["tokens"] == "16, 8" and result["dense_macs"] > 0
+    cli = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), "flops", "report", "spikformer-2-64-digits",
+                                   "--keep", "0.5", "--format", "json"])
+    assert json.loads(cli.stdout)["totals"]["dense_macs"] == result["dense_macs"]

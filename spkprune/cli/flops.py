@@ -5,9 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import typer
 
-from spkprune.cli.app import app, store_dir
-from spkprune.cli.render import check_format, render_frame, stderr
-from spkprune.errors import SpkpruneError
+from spkprune.cli.app import app, readable_store
+from spkprune.cli.options import settings_command
+from spkprune.cli.render import render_frame, stderr
+from spkprune.counting import rows_by_block
+from spkprune.counting.jobs import flops_report
+from spkprune.counting.settings import FlopsSettings
 
 flops_app = typer.Typer(help="Count operations and energy (dense MACs, nonzero-weight MACs, SOPs).", no_args_is_help=True)
 app.add_typer(flops_app, name="flops")
@@ -20,52 +23,11 @@ _DISPLAY = {  # column -> (header, divisor) for people; json/csv keep raw per-im
 }
 
 
-@flops_app.command("report")
-def report(
-    ctx: typer.Context,
-    ref: str = typer.Argument(..., metavar="REF_OR_PRESET", help="A preset name or a checkpoint reference."),
-    keep: str = typer.Option(None, "--keep", help="What-if token keep ratio rho (cumulative rho, rho^2, ...) or one "
-                             "cumulative ratio per selector location: 0.7 or 0.9,0.7,0.5."),
-    dataset: str = typer.Option(None, "--dataset", help="Measure firing rates, SOPs and energy on this data set."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Root of the data set (not needed for digits)."),
-    batches: int = typer.Option(4, "--batches", help="Test batches to measure on."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
-    e_mac: float = typer.Option(4.6, "--e-mac", help="Energy per MAC in pJ (45 nm fp32)."),
-    e_ac: float = typer.Option(0.9, "--e-ac", help="Energy per accumulate in pJ (45 nm fp32)."),
-    by: str = typer.Option("layer", "--by", help="Rows per layer or per block: layer|block."),
-    fmt: str = typer.Option("table", "--format", help="table|json|csv|md"),
-    save: bool = typer.Option(None, "--save/--no-save", help="Store the report with the checkpoint (default: on "
-                              "for store references)."),
-) -> None:
+@settings_command(flops_app, "report", FlopsSettings, metavars={"ref": "REF_OR_PRESET"})
+def report(ctx: typer.Context, settings: FlopsSettings, fmt: str) -> None:
     """Per-layer dense MACs (x T, the papers' convention), nonzero-weight MACs, and with --dataset SOPs and energy."""
-    from spkprune.counting import attach_report, count_operations, rows_by_block
-    from spkprune.counting.report import check_whatif
-    from spkprune.counting.sources import dataset_batches, is_stored, load_model, open_store_if_any, parse_keep
-
-    check_format(fmt)
-    if by not in ("layer", "block"):
-        raise SpkpruneError(f"unknown --by {by!r}; choose layer or block")
-    ratios = parse_keep(keep)
-    check_whatif(ratios, bool(dataset))
-    store = open_store_if_any(store_dir(ctx))
-    model, masks, source = load_model(ref, store)
-    stored = is_stored(ref, store)
-    if save and not stored:
-        raise SpkpruneError(f"--save keeps the report with a checkpoint in the store, and {ref!r} is not one")
-    data = None
-    if dataset:
-        data = dataset_batches(model, dataset, data_dir, batches, batch_size)
-        stderr.print(f"measuring {model.name} on {batches} batch(es) of {batch_size} from {dataset} ...")
-    result = count_operations(
-        model, masks=masks, keep=ratios, batches=data, e_mac=e_mac, e_ac=e_ac,
-        dataset=dataset, num_batches=batches if dataset else None,
-    )  # fmt: skip
-    result["source"] = {"ref": ref, "kind": source}
-    if source == "preset" and dataset:
-        result["notes"].append("preset with freshly initialised weights: firing rates are not a trained model's")
-    if stored and save is not False:
-        attach_report(store, store.resolve(ref).ref, result)
-    _render(result, rows_by_block(result["rows"]) if by == "block" else result["rows"], fmt)
+    result = flops_report(settings, readable_store(ctx), log=stderr.print)
+    _render(result, rows_by_block(result["rows"]) if settings.by == "block" else result["rows"], fmt)
 
 
 def _render(result: dict, rows: list[dict], fmt: str) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from spkprune.checkpoint import prepare_import, save_checkpoint
-from spkprune.cli.app import app, store_dir
+from spkprune.cli.app import app, writable_store
 from spkprune.cli.render import stderr, stdout
-from spkprune.store import Store, parse_ref
+from spkprune.store import parse_ref
 
 
 @app.command("import")
@@ -32,7 +32,7 @@ def import_command(
     """
     parse_ref(f"{name}@{tag}")
     ckpt = prepare_import(path, arch)  # everything is validated before the store is touched
-    store = Store.open(store_dir(ctx))
+    store = writable_store(ctx)
     art = save_checkpoint(store, name, tag, ckpt, replace=overwrite)
     stderr.print(f"imported {path} ({len(ckpt.state_dict)} tensors, preset {arch}) into {store.root}")
     stdout.print(art.ref)

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 import yaml
 
-from spkprune.cli.app import DEFAULT_STORE, app
-from spkprune.cli.render import check_format, render_frame, stderr
-
-
-def _store_for(ctx: typer.Context, recipe_store: str | None) -> Path:
-    """--store, then $SPKPRUNE_STORE, then the recipe's `store`, then ./spkprune-store."""
-    explicit = ctx.find_root().params.get("store")
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("SPKPRUNE_STORE"):
-        return Path(os.environ["SPKPRUNE_STORE"])
-    return Path(recipe_store or DEFAULT_STORE)
+from spkprune.cli.app import DEFAULT_STORE, app, chosen_store_dir
+from spkprune.cli.render import FORMATS, render_frame, stderr
+from spkprune.recipes import load_recipe, plan, plan_frame, run_recipe, summary_frame
 
 
 @app.command("run")
@@ -29,18 +19,18 @@ def run_command(
     ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/ and docs/recipes.md)."),
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="key=value overrides, typed by the recipe schema: seed=1 imp.rounds=5 vars.keep=0.5", show_default=False
+        None, help="key=value overrides, typed by the stage settings: seed=1 imp.rounds=5 vars.keep=0.5",
+        show_default=False,
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would run or be skipped; run nothing."),
     show: bool = typer.Option(False, "--show", help="Print the resolved recipe (after overrides and ${...}) as YAML."),
-    fmt: str = typer.Option("table", "--format", help="Summary output: table, json, csv or md."),
+    fmt: Literal[FORMATS] = typer.Option("table", "--format", help="Summary output: table, json, csv or md."),
 ) -> None:
-    """Run a pipeline recipe: train -> imp -> select-tokens -> evaluate -> flops -> export, resumable."""
-    from spkprune.recipes import load_recipe, plan, plan_frame, run_recipe, summary_frame
+    """Run a pipeline recipe: train -> imp -> select-tokens -> evaluate -> flops -> export, resumable.
 
-    check_format(fmt)
+    The store is --store, else $SPKPRUNE_STORE, else the recipe's `store`, else ./spkprune-store."""
     resolved = load_recipe(recipe, overrides or [])
-    store = _store_for(ctx, resolved.store)
+    store = chosen_store_dir(ctx) or Path(resolved.store or DEFAULT_STORE)
     if show:
         sys.stdout.write(yaml.safe_dump(resolved.resolved, sort_keys=False))
         return

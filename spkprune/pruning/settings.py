@@ -1,53 +1,92 @@
-"""The settings of an IMP run: everything that decides its results, stored in every round and compared on re-run."""
+"""The settings of an IMP run, declared once: what decides its results (`ImpSettings`, stored in every round and
+compared on re-run) and the rest of the `spkprune imp` command (`ImpCommandSettings`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
+from spkprune.settings import Settings, option, split_list
+from spkprune.training.config import Epochs, TimeSteps
 
+DEFAULT_TARGET = 0.9
+CONTROLS = ("none", "random-reinit", "random-prune")
 _REWIND_RE = re.compile(r"^(init|epoch:(\d+)|iter:(\d+))$")
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Globs = Annotated[tuple[str, ...], BeforeValidator(split_list)]
 
 
-@dataclass(frozen=True)
-class ImpSettings:
-    """Everything that decides an IMP run's results; stored in every round and compared on re-run."""
+class ImpSettings(Settings):
+    """Everything that decides an IMP run's results. Give `target` or `rate` (neither: target 0.9)."""
 
-    rounds: int
-    target: float | None = 0.9
-    rate: float | None = None
-    scope: str = "global"
-    exclude: tuple[str, ...] = ()
-    rewind: str = "init"
-    epochs_per_round: int | None = None  # None: as many epochs as the dense run
-    search_timesteps: int | None = None
-    seed: int | None = None  # None: the dense run's seed
+    rounds: Epochs = option(10, "Pruning rounds N (the ticket is NAME@round-N).")
+    target: Optional[Fraction] = option(None, f"Sparsity of the eligible weights after round N (default "
+                                        f"{DEFAULT_TARGET}).")
+    rate: Optional[Fraction] = option(None, "Fraction of the surviving weights pruned per round (instead of "
+                                      "--target).")
+    scope: Literal[M.SCOPES] = option("global", "global: one ranking over all weights; layerwise: per tensor.")
+    exclude: Globs = option((), "Glob over state_dict keys never pruned (repeatable), e.g. 'head.weight'.",
+                            repeat=True)
+    rewind: str = option("init", "Rewind point: init, epoch:K or iter:K of the dense run.")
+    epochs_per_round: Optional[Epochs] = option(None, "Retraining epochs per round (default: as many as the dense "
+                                                "run).")
+    search_timesteps: Optional[TimeSteps] = option(None, "Early-time ticket: search masks at T' time steps, retrain "
+                                                   "the last round at full T.")
+    seed: Optional[int] = option(None, "Seed of the retraining (default: the dense run's).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_or_rate(cls, values):
+        if isinstance(values, dict) and values.get("target") is None and values.get("rate") is None:
+            values = {**values, "target": DEFAULT_TARGET}
+        return values
+
+    @field_validator("rewind")
+    @classmethod
+    def _rewind_point(cls, spec: str) -> str:
+        match = _REWIND_RE.match(spec)
+        if not match or (spec != "init" and int(spec.split(":")[1]) < 1):
+            raise ValueError("must be init, epoch:K or iter:K with K >= 1")
+        return spec
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.target is not None and self.rate is not None:
+            raise ValueError("give exactly one of target and rate")
+        return self
 
     def validate(self) -> "ImpSettings":
-        if self.rounds < 1:
-            raise SpkpruneError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.target is not None:
-            M.check_target(self.target)
-        M.sparsity_schedule(self.rounds, target=self.target, rate=self.rate)
-        if self.scope not in M.SCOPES:
-            raise SpkpruneError(f"unknown --scope {self.scope!r}; choose global or layerwise")
-        parse_rewind(self.rewind)
-        if self.epochs_per_round is not None and self.epochs_per_round < 1:
-            raise SpkpruneError(f"--epochs-per-round must be at least 1, got {self.epochs_per_round}")
-        if self.search_timesteps is not None and self.search_timesteps < 1:
-            raise SpkpruneError(f"--search-timesteps must be at least 1, got {self.search_timesteps}")
-        return self
+        return self  # validated on construction
 
     def levels(self) -> list[float]:
         return M.sparsity_schedule(self.rounds, target=self.target, rate=self.rate)
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        """The run's identity as stored in every round (exactly these keys: older stores compare against them)."""
+        data = {name: getattr(self, name) for name in ImpSettings.model_fields}
         data["exclude"] = list(self.exclude)
         return data
+
+
+class ImpCommandSettings(ImpSettings):
+    """`spkprune imp`: the run's settings, where it starts and where its rounds go."""
+
+    ref: str = option(..., "Trained dense checkpoint NAME[@TAG] (its NAME@init is the rewind point).", argument=True,
+                      recipe="from", ref=True)
+    name: str = option(..., "Name of the run: rounds are saved as NAME@round-0 ... NAME@round-N.", identity=False)
+    control: Literal[CONTROLS] = option("none", "Also run a control: random-reinit (same masks, fresh init) or "
+                                        "random-prune (random masks, same per-layer counts).")
+    resume: bool = option(False, "Require an existing run NAME and continue it.", recipe=None)
+    plot: Optional[Path] = option(None, "Where to write the accuracy-vs-sparsity PNG (default "
+                                  "STORE/plots/NAME-imp.png).", identity=False)
+
+    def run_settings(self) -> ImpSettings:
+        return ImpSettings(**{name: getattr(self, name) for name in ImpSettings.model_fields})
 
 
 def parse_rewind(spec: str) -> tuple[str, int]:

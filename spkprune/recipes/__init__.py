@@ -2,16 +2,16 @@
 
 from spkprune.recipes.resolve import Recipe, RecipeError, Stage, apply_override, load_recipe, parse_recipe, stage_hash
 from spkprune.recipes.runner import RunReport, StageOutcome, plan, run_recipe
-from spkprune.recipes.schema import STAGE_TYPES, Opt, StageType
+from spkprune.recipes.schema import STAGE_TYPES, StageOption, StageType
 from spkprune.recipes.summary import plan_frame, summary_frame
 
 __all__ = [
-    "Opt",
     "Recipe",
     "RecipeError",
     "RunReport",
     "STAGE_TYPES",
     "Stage",
+    "StageOption",
     "StageOutcome",
     "StageType",
     "apply_override",

@@ -24,11 +24,11 @@ from spkprune.recipes.schema import (
     SECTION_KEYS,
     STAGE_TYPES,
     TOP_LEVEL,
-    CoerceError,
-    Opt,
+    RecipeData,
+    RecipeTop,
     StageType,
-    coerce,
 )
+from spkprune.settings import Settings
 from spkprune.store.refs import DEFAULT_TAG
 
 HASH_LENGTH = 16
@@ -56,6 +56,7 @@ class Stage:
     name: str
     type: StageType
     options: dict[str, Any]  # typed, defaults and inherited values filled in; ref options as concrete refs
+    settings: Settings | None = None  # the options validated by the stage type's settings (defaults included)
     inputs: dict[str, StageInput] = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)  # earlier stages this one depends on, in recipe order
     hash: str = ""
@@ -247,7 +248,7 @@ class _Resolver:
                 raise self.fail(
                     str(key), f"unknown key{_did_you_mean(str(key), known)}; expected one of {', '.join(sorted(known))}"
                 )
-        top = {key: self.typed(key, TOP_LEVEL[key], self.value(key)) for key in TOP_LEVEL}
+        top = self.validated(RecipeTop, {key: self.value(key) for key in TOP_LEVEL}, "").model_dump()
         name = top["name"] or self.default_name
         if not _NAME_RE.match(name):
             raise self.fail("name", f"expected letters, digits and . _ + - (it prefixes artifact names), got {name!r}")
@@ -261,7 +262,7 @@ class _Resolver:
         for key in data:
             if key not in DATA_KEYS:
                 raise self.fail(f"data.{key}", f"unknown key{_did_you_mean(key, DATA_KEYS)}; expected one of dataset, data_dir")
-        self.data = {key: self.typed(f"data.{key}", opt, self.value(f"data.{key}")) for key, opt in DATA_KEYS.items()}
+        self.data = self.validated(RecipeData, {key: self.value(f"data.{key}") for key in DATA_KEYS}, "data").model_dump()
         self.data["dataset"] = self.data["dataset"] or self.model_dataset()
         if self.data["dataset"] is not None:
             self.check_dataset("data.dataset", self.data["dataset"])
@@ -298,12 +299,12 @@ class _Resolver:
             raise self.fail(key, f"expected a mapping, got {_kind(value)}")
         return value
 
-    def typed(self, key: str, opt: Opt, value: Any) -> Any:
+    def validated(self, model: type[Settings], values: dict, path: str) -> Settings:
+        """`values` (None: not given) checked by `model`; errors name the key path, e.g. stages.imp.target."""
         try:
-            result = coerce(opt, value)
-        except CoerceError as err:
-            raise self.fail(key, str(err)) from None
-        return opt.default if result is None else result
+            return model.parse({key: value for key, value in values.items() if value is not None}, where=path)
+        except SpkpruneError as err:
+            raise RecipeError(f"{self.where}: {err}") from None
 
     def model_dataset(self) -> str | None:
         model = self.top["model"]
@@ -424,18 +425,21 @@ class _Resolver:
         for key in body:
             if key == "type":
                 continue
-            if key in stype.managed:
-                raise self.fail(f"{base}.{key}", "is set by the runner (spkprune run resumes and formats by itself); remove it")
+            if key in stype.runner_sets:
+                raise self.fail(f"{base}.{key}", "is not a recipe option (spkprune run decides resume and overwrite "
+                                "itself; display options belong to the command line); remove it")
             if key not in stype.options:
                 raise self.fail(
                     f"{base}.{key}",
                     f"unknown option for stage type {kind}{_did_you_mean(key, stype.options)}; "
                     f"expected one of {', '.join(stype.options)}",
                 )
-            options[key] = self.typed(f"{base}.{key}", stype.options[key], self.value(f"{base}.{key}"))
+            options[key] = self.value(f"{base}.{key}")
         stage = Stage(name=name, type=stype, options={})
         self.fill_defaults(stage, options)
-        stage.options = options
+        stage.settings = self.validated(stype.settings, _by_field(stype, options), base)
+        stage.options = {key: _plain(getattr(stage.settings, stype.options[key].field)) for key in options
+                         if options[key] is not None}
         self.link_inputs(stage)
         stage.deps = self.current_deps
         self.current_deps = None
@@ -466,9 +470,6 @@ class _Resolver:
         for option in ("dataset",):
             if options.get(option) is not None:
                 self.check_dataset(f"{base}.{option}", options[option])
-        for option, opt in stage.type.options.items():
-            if opt.required and options.get(option) is None:
-                raise self.fail(f"{base}.{option}", f"missing; expected {opt.expected()}")
         if stage.type.positional and options.get(stage.type.positional) is None:
             raise self.fail(
                 f"{base}.{stage.type.positional}",
@@ -478,7 +479,7 @@ class _Resolver:
     def link_inputs(self, stage: Stage) -> None:
         for option, opt in stage.type.options.items():
             value = stage.options.get(option)
-            if opt.kind != "ref" or value is None:
+            if not opt.is_ref or value is None:
                 continue
             target = self.parse_ref(f"stages.{stage.name}.{option}", value, stage)
             stage.inputs[option] = target
@@ -577,9 +578,23 @@ def _plain_options(stage: Stage) -> dict:
     return {key: value for key, value in stage.options.items() if value is not None}
 
 
+def _plain(value: Any) -> Any:
+    """A typed option as YAML and JSON write it: paths as strings, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _by_field(stype: StageType, options: dict) -> dict:
+    """Recipe options under their settings field names (`from` -> `ref`)."""
+    return {stype.options[key].field: value for key, value in options.items()}
+
+
 def _default_tag(stage: Stage) -> str:
     if stage.type.output == "rounds":
-        return f"round-{stage.options['rounds']}"
+        return f"round-{stage.settings.rounds}"
     return DEFAULT_TAG
 
 

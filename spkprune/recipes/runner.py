@@ -11,6 +11,7 @@ Every checkpoint a stage writes gets `meta["recipe"]` (the resolved recipe) and 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spkprune.errors import SpkpruneError
-from spkprune.recipes import stages as adapters
 from spkprune.recipes.record import RunRecord, run_lock
 from spkprune.recipes.resolve import Recipe, Stage
 from spkprune.store import Artifact, Store, parse_ref
@@ -68,7 +68,7 @@ def decide(stage: Stage, entry: dict | None, store: Store, ran: set[str]) -> tup
     if entry.get("status") == "done":
         missing = missing_output(entry, store)
         return ("run", f"output {missing} is gone") if missing else ("skip", "finished")
-    if "resume" in stage.type.managed and stage.artifact and store.list(stage.artifact):
+    if stage.type.resumable and stage.artifact and store.list(stage.artifact):
         return "resume", "interrupted; resuming"
     return "run", "interrupted; starting over"
 
@@ -144,19 +144,19 @@ def _run_stage(
     overwrite = False
     if action == "run":
         overwrite = _clear_stale_outputs(recipe, stage, entry, store)
-    argv = adapters.argv_for(stage, resume=action == "resume", overwrite=overwrite)
-    log("  spkprune " + " ".join(argv))
+    resume = action == "resume"
+    options = {k: v for k, v in stage.options.items() if not (resume and k in stage.type.resume_drops)}
+    settings = stage.type.build(options, resume=resume, overwrite=overwrite)
     if record is not None:
         record.start(stage.name, {"type": stage.type.name, "hash": stage.hash, "artifact": stage.artifact,
-                                  "out": stage.options.get("out"), "argv": argv})
+                                  "out": stage.options.get("out")})
     started = time.perf_counter()
     try:
-        stdout = adapters.invoke(argv, store.root)
+        result = stage.type.run(store, settings, progress=sys.stderr.isatty(), log=log)
     except SpkpruneError as err:
         raise SpkpruneError(f"stage {stage.name!r} ({stage.type.name}) failed: {err}") from None
     seconds = time.perf_counter() - started
     _barrier()
-    result = collect_result(stage, store, stdout)
     outputs: dict[str, Any] = {}
     if record is not None:
         _stamp_artifacts(recipe, stage, store)
@@ -167,7 +167,7 @@ def _run_stage(
 
 
 def _clear_stale_outputs(recipe: Recipe, stage: Stage, entry: dict | None, store: Store) -> bool:
-    """Remove what an earlier version of this stage wrote; refuse to touch anything else. True: pass --overwrite."""
+    """Remove what an earlier version of this stage wrote; refuse to touch anything else. True: overwrite `out`."""
     key = f"stages.{stage.name}"
     if stage.artifact:
         existing = store.list(stage.artifact)
@@ -233,114 +233,6 @@ def _outputs(stage: Stage, store: Store) -> dict:
         folder = Path(out)
         return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir() if p.is_file())}
     return {}
-
-
-# ------------------------------------------------------------------------------------------------ results
-def collect_result(stage: Stage, store: Store, stdout: str) -> dict:
-    """Accuracy, sparsity, tokens, counts, size and plots of a finished stage, from its JSON and the store."""
-    kind = stage.type.name
-    source = stage.options.get(stage.type.positional) if stage.type.positional else None
-    if kind == "train":
-        return artifact_result(store.resolve(stage.output_ref))
-    if kind == "select-tokens":
-        doc = adapters.parse_json_output(stdout, "spkprune select-tokens") or {}
-        result = artifact_result(store.resolve(stage.output_ref))
-        if isinstance(doc, dict):
-            result["top1"] = doc.get("student_top1", result["top1"])
-            rows = doc.get("rows") or []
-            if rows:
-                result["tokens"] = _tokens_text(row.get("tokens") for row in rows)
-            pictures = (doc.get("analysis") or {}).get("pictures") or {}
-            if pictures:
-                result["plots"] = sorted(map(str, pictures.values()))
-        return result
-    if kind == "imp":
-        doc = adapters.parse_json_output(stdout, "spkprune imp") or {}
-        final = store.resolve(doc.get("final") or stage.output_ref)
-        result = artifact_result(final)
-        result["rounds"] = [
-            {"round": row.get("round"), "sparsity": row.get("sparsity_prunable"), "top1": row.get("top1")}
-            for row in doc.get("rows", []) if row.get("kind") == "ticket"
-        ]
-        if doc.get("plot"):
-            result["plots"] = [doc["plot"]]
-        return result
-    if kind == "evaluate":
-        doc = adapters.parse_json_output(stdout, "spkprune evaluate") or {}
-        result = _input_result(source, store)
-        result.update({key: _find(doc, key) for key in ("top1", "top5", "loss")})
-        result["tokens"] = _tokens_text(doc.get("tokens_per_block") if isinstance(doc, dict) else None)
-        return result
-    if kind == "flops":
-        doc = adapters.parse_json_output(stdout, "spkprune flops report") or {}
-        return {**_input_result(source, store), **flops_result(doc)}
-    if kind == "export":
-        folder = Path(stage.options["out"])
-        files = [p for p in folder.rglob("*") if p.is_file()]
-        return {
-            "ref": str(folder),
-            "size": sum(p.stat().st_size for p in files),
-            "plots": sorted(str(p) for p in files if p.suffix == ".png"),
-        }
-    return {}
-
-
-def artifact_result(art: Artifact) -> dict:
-    meta = art.meta
-    metrics = meta.get("metrics") or {}
-    sparsity = meta.get("sparsity") or {}
-    selector = meta.get("selector") or {}
-    return {
-        "ref": art.ref,
-        "top1": metrics.get("top1"),
-        "sparsity": sparsity.get("prunable") if isinstance(sparsity, dict) else sparsity,
-        "keep": selector.get("keep") if isinstance(selector, dict) else None,
-        "size": art.size,
-    }
-
-
-def _input_result(source: str | None, store: Store) -> dict:
-    """What a counting / evaluation stage inherits from the model it read (when that model is in the store)."""
-    if not source:
-        return {}
-    try:
-        art = store.get(*parse_ref(source))
-    except SpkpruneError:
-        art = None
-    if art is None:
-        return {"ref": source}
-    result = artifact_result(art)
-    result.pop("top1")
-    return result
-
-
-def flops_result(doc: dict) -> dict:
-    totals = doc.get("totals") or {}
-    return {
-        "dense_macs": totals.get("dense_macs"),
-        "macs": totals.get("nonzero_macs"),
-        "sops": totals.get("sops"),
-        "energy_mj": totals.get("energy_mj"),
-        "tokens": _tokens_text(doc.get("tokens_per_block")),
-    }
-
-
-def _tokens_text(per_block) -> str | None:
-    """Tokens each block sees, as `16, 11` (None when not reported)."""
-    counts = [int(n) for n in (per_block or []) if n is not None]
-    return ", ".join(map(str, counts)) if counts else None
-
-
-def _find(doc: Any, key: str) -> Any:
-    """`key` at the top of a JSON document or inside its first-level mappings (metrics, totals, ...)."""
-    if not isinstance(doc, dict):
-        return None
-    if key in doc:
-        return doc[key]
-    for value in doc.values():
-        if isinstance(value, dict) and key in value:
-            return value[key]
-    return None
 
 
 # ------------------------------------------------------------------------------------------ distributed

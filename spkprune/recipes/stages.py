@@ -1,124 +1,112 @@
-"""Stage adapters: each stage type runs the agreed CLI command of its package, in this process.
-
-The CLI is the contract between the packages (../shared/CLI.md), so a stage's options are turned into exactly the
-argv a person would type (`argv_for`), and the command runs in-process through the Typer app with its own click
-context (no interpreter start-up, no re-import of torch). Its user errors propagate as SpkpruneError. Commands
-that can print JSON (`evaluate`, `flops report`, `imp`) are asked for it, and their stdout is parsed into the
-stage's results; everything else they print goes to stderr, so `spkprune run --format json` stays one document.
-"""
+"""What each stage type does: the library call its command makes, and the stage's result read from the object
+that call returns (accuracy, sparsity, tokens, counts, size, plots) for the run record and the summary table."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
+from spkprune.counting.jobs import flops_report
 from spkprune.errors import SpkpruneError
-from spkprune.recipes.resolve import Stage
-from spkprune.recipes.schema import option_flag
+from spkprune.export.jobs import run_export as export_job
+from spkprune.pruning.jobs import run_imp_command
+from spkprune.selection.jobs import run_select_tokens as select_tokens_job
+from spkprune.store import Artifact, Store, parse_ref
+from spkprune.training.jobs import run_evaluate as evaluate_job
+from spkprune.training.jobs import run_train as train_job
+
+Log = Callable[[str], None]
 
 
-def argv_for(stage: Stage, *, resume: bool = False, overwrite: bool = False) -> list[str]:
-    """The command line (after `spkprune`) that runs `stage`."""
-    stype = stage.type
-    argv = list(stype.command)
-    if stype.positional:
-        argv.append(str(stage.options[stype.positional]))
-    for key in stype.options:  # schema order: the same argv whatever the recipe's key order
-        value = stage.options.get(key)
-        if key == stype.positional or value is None or (resume and key in stype.resume_drops):
-            continue
-        argv.extend(_flag(option_flag(key), stype.options[key], value))
-    if "format" in stype.managed:
-        argv.extend(["--format", "json"])
-    if "progress" in stype.managed and not sys.stderr.isatty():
-        argv.append("--no-progress")
-    if resume and "resume" in stype.managed:
-        argv.append("--resume")
-    if overwrite and "overwrite" in stype.managed:
-        argv.append("--overwrite")
-    return argv
+def run_train(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    outcome = train_job(store, settings, progress=progress)
+    return artifact_result(outcome.artifact) if outcome.artifact is not None else {}
 
 
-def _flag(flag: str, opt, value: Any) -> list[str]:
-    if opt.kind == "bool":
-        return [flag] if value else []
-    if opt.kind in ("int_list", "str_list"):
-        if opt.repeat:
-            return [part for item in value for part in (flag, str(item))]
-        return [flag, ",".join(str(v) for v in value)]
-    if isinstance(value, float):
-        return [flag, repr(value)]
-    return [flag, str(value)]
+def run_imp(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    report = run_imp_command(store, settings, progress=progress, log=log)
+    tickets = [row for row in report.rows if row.kind == "ticket"]
+    result = artifact_result(store.resolve(tickets[-1].ref))
+    result["rounds"] = [{"round": row.round, "sparsity": row.sparsity_prunable, "top1": row.top1} for row in tickets]
+    if report.plot is not None:
+        result["plots"] = [str(report.plot)]
+    return result
 
 
-def invoke(argv: list[str], store_dir: Path) -> str:
-    """Run one spkprune command in-process; returns what it printed on stdout (logs go to stderr)."""
-    command, args, prog = _command(argv)
-    captured = io.StringIO()
-    from spkprune.cli.app import CliState
-
-    exit_types, usage_types = _click_exceptions()
-    with contextlib.redirect_stdout(captured):
-        try:
-            code = command.main(args=args, prog_name=prog, standalone_mode=False, obj=CliState(store_dir=Path(store_dir)))
-        except exit_types as done:
-            code = done.exit_code
-        except usage_types as err:  # a usage error: the schema and the CLI disagree
-            raise SpkpruneError(f"`{prog} {' '.join(args)}`: {err.format_message()}") from None
-    if isinstance(code, int) and code != 0:
-        raise SpkpruneError(f"`{prog} {' '.join(args)}` exited with code {code}")
-    return captured.getvalue()
+def run_select_tokens(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    outcome = select_tokens_job(store, settings, progress=progress, log=log)
+    result = artifact_result(outcome.artifact)
+    result["top1"] = outcome.result.metrics["top1"]
+    result["tokens"] = tokens_text(outcome.tokens_per_block)
+    if outcome.analysis is not None:
+        result["plots"] = sorted(str(path) for path in outcome.analysis.pictures.values())
+    return result
 
 
-def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """Exit and usage-error classes of the click that Typer runs on (recent Typer vendors its own copy)."""
-    exits: list[type] = []
-    usage: list[type] = []
-    for module_name in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
-        try:
-            module = __import__(module_name, fromlist=["Exit", "ClickException"])
-        except ImportError:
-            continue
-        for name, found in (("Exit", exits), ("ClickException", usage)):
-            if isinstance(getattr(module, name, None), type):
-                found.append(getattr(module, name))
-    return tuple(exits), tuple(usage)
+def run_evaluate(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    report = evaluate_job(store, settings)
+    result = input_result(settings.ref, store)
+    result.update({key: report.get(key) for key in ("top1", "top5", "loss")})
+    result["tokens"] = tokens_text(report.get("tokens_per_block"))
+    return result
 
 
-def _command(argv: list[str]):
-    """The click command for `argv` (descending into groups such as `flops`), the rest of argv, and its name.
-
-    The subcommand runs under its own context, below the `spkprune` group, so its SpkpruneError reaches the runner
-    (which names the stage) instead of the group's one-line printer, and its store is the one given here."""
-    import typer.main
-
-    from spkprune.cli import app
-
-    node = typer.main.get_command(app)
-    path = ["spkprune"]
-    rest = list(argv)
-    while getattr(node, "commands", None) is not None and rest:
-        sub = node.commands.get(rest[0])
-        if sub is None:
-            raise SpkpruneError(f"spkprune has no command {' '.join([*path[1:], rest[0]])!r}; this spkprune is incomplete")
-        node, path = sub, [*path, rest.pop(0)]
-    return node, rest, " ".join(path)
+def run_flops(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    report = flops_report(settings, store, log=log)
+    totals = report.get("totals") or {}
+    return {
+        **input_result(settings.ref, store),
+        "dense_macs": totals.get("dense_macs"),
+        "macs": totals.get("nonzero_macs"),
+        "sops": totals.get("sops"),
+        "energy_mj": totals.get("energy_mj"),
+        "tokens": tokens_text(report.get("tokens_per_block")),
+    }
 
 
-def parse_json_output(text: str, what: str) -> Any:
-    """The one JSON document a `--format json` command printed."""
-    text = text.strip()
-    if not text:
-        return None
+def run_export(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    outcome = export_job(store, settings)
+    folder = Path(outcome.export.folder)
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {
+        "ref": str(folder),
+        "size": sum(path.stat().st_size for path in files),
+        "plots": sorted(str(path) for path in files if path.suffix == ".png"),
+    }
+
+
+def artifact_result(art: Artifact) -> dict:
+    meta = art.meta
+    metrics = meta.get("metrics") or {}
+    sparsity = meta.get("sparsity") or {}
+    selector = meta.get("selector") or {}
+    return {
+        "ref": art.ref,
+        "top1": metrics.get("top1"),
+        "sparsity": sparsity.get("prunable") if isinstance(sparsity, dict) else sparsity,
+        "keep": selector.get("keep") if isinstance(selector, dict) else None,
+        "size": art.size,
+    }
+
+
+def input_result(source: str | None, store: Store) -> dict:
+    """What a counting / evaluation stage inherits from the model it read (when that model is in the store)."""
+    if not source:
+        return {}
+    if store is None:
+        return {"ref": source}
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        start = text.find("{")  # tolerate a stray line before the document
-        try:
-            return json.loads(text[start:]) if start >= 0 else None
-        except json.JSONDecodeError:
-            raise SpkpruneError(f"{what} printed something other than one JSON document on stdout") from None
+        art = store.get(*parse_ref(source))
+    except SpkpruneError:  # a preset, a path or an hf:// reference
+        art = None
+    if art is None:
+        return {"ref": source}
+    result = artifact_result(art)
+    result.pop("top1")
+    return result
+
+
+def tokens_text(per_block) -> str | None:
+    """Tokens each block sees, as `16, 11` (None when not reported)."""
+    counts = [int(n) for n in (per_block or []) if n is not None]
+    return ", ".join(map(str, counts)) if counts else None

@@ -25,60 +25,14 @@ from spkprune.models.selector import (
     tokens_per_block,
     warm_start_from_firing_rate,
 )
-from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT, SelectionLoss
+from spkprune.selection.loss import SelectionLoss
+from spkprune.selection.settings import SelectionConfig
 
 # Fine-tuning starts from a trained model: a shorter run at a lower peak learning rate than training from scratch.
 FINETUNE_EPOCHS = 10
 FINETUNE_LR_FACTOR = 0.2
 FINETUNE_WARMUP_EPOCHS = 1
-INITS = ("firing-rate", "random")
-# Learning-rate factor of a learned selector's MLP: a warm-started MLP already ranks tokens well and the
-# straight-through gradient is noisy, so it moves at a tenth of the backbone's rate; from the paper's random
-# initialisation it learns at the full rate.
-SELECTOR_LR_SCALE = {"firing-rate": 0.1, "random": 1.0}
 WARM_START_SAMPLES = 256  # training images that calibrate a firing-rate warm start
-
-
-@dataclass
-class SelectionConfig:
-    """What to attach and how to weigh the loss. `keep` is one ratio rho (cumulative rho, rho^2, ... per location)
-    or one cumulative ratio per location; `locations` defaults to every block but the first."""
-
-    keep: float | list[float] = 0.7
-    locations: list[int] | None = None
-    scorer: str = "learned"
-    ratio_weight: float = RATIO_WEIGHT
-    distill_weight: float = DISTILL_WEIGHT
-    init: str = "firing-rate"  # learned scorer: start as the firing-rate ranking, or "random" (the paper's init)
-    selector_lr_scale: float | None = None  # the MLP's learning-rate factor; None = SELECTOR_LR_SCALE[init]
-
-    def validate(self) -> "SelectionConfig":
-        if self.scorer not in SCORERS:
-            raise SpkpruneError(f"unknown --scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
-        if self.init not in INITS:
-            raise SpkpruneError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
-        if self.selector_lr_scale is not None and not self.selector_lr_scale > 0:
-            raise SpkpruneError(f"--selector-lr-scale must be > 0, got {self.selector_lr_scale}")
-        for name in ("ratio_weight", "distill_weight"):
-            if getattr(self, name) < 0:
-                raise SpkpruneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        return self
-
-    def lr_scales(self) -> dict[str, float] | None:
-        """`TrainConfig.lr_scales` for the fine-tuning: the learned MLP's factor, None for weightless scorers."""
-        if self.scorer != "learned":
-            return None
-        scale = SELECTOR_LR_SCALE[self.init] if self.selector_lr_scale is None else self.selector_lr_scale
-        return {"token_selectors.": float(scale)}
-
-    def selector(self) -> dict:
-        config = {"keep": self.keep, "scorer": self.scorer}
-        if self.locations:
-            config["locations"] = list(self.locations)
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -148,7 +102,6 @@ def select_tokens(
     from spkprune.training import evaluate, fit
     from spkprune.training.state import seed_everything
 
-    selection.validate()
     cfg = finetune_config(source, epochs, **{"lr_scales": selection.lr_scales(), **(train_overrides or {})})
     epochs = FINETUNE_EPOCHS if epochs is None else epochs
     if epochs == 0 and selection.scorer == "learned":

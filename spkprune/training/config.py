@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Annotated, Optional
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from spkprune.errors import SpkpruneError
+from spkprune.settings import describe_error
+
+# Constrained types shared by the full configuration and the commands' settings (declared once).
+Epochs = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+BatchSize = Annotated[int, Field(ge=1)]
+LearningRate = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+TimeSteps = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 @dataclass
@@ -18,54 +31,43 @@ class TrainConfig:
     """
 
     dataset: str = "digits"
-    data_dir: str | None = None
-    epochs: int = 5
-    cooldown_epochs: int = 0
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    lr: float = 5e-3
-    min_lr: float = 1e-5
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
+    data_dir: Optional[str] = None
+    epochs: Epochs = 5
+    cooldown_epochs: NonNegativeInt = 0
+    batch_size: BatchSize = 32
+    eval_batch_size: BatchSize = 256
+    lr: LearningRate = 5e-3
+    min_lr: NonNegativeFloat = 1e-5
+    warmup_epochs: NonNegativeInt = 1
+    warmup_lr: NonNegativeFloat = 1e-5
     weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_off_epoch: int | None = None
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    mixup_alpha: NonNegativeFloat = 0.0
+    mixup_prob: Fraction = 1.0
+    mixup_off_epoch: Optional[int] = None
     augment: bool = False
     seed: int = 0
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     amp: bool = True
     compile: bool = False  # the fused BatchNorm + LIF kernels through torch.compile (same results, see fused.py)
-    timesteps: int | None = None
-    grad_clip: float | None = None
+    timesteps: Optional[TimeSteps] = None
+    grad_clip: Optional[float] = None
     eval_every: int = 1
-    limit_train_batches: int | None = None
+    limit_train_batches: Optional[BatchSize] = None
     # Learning-rate multipliers by parameter-name prefix, e.g. {"token_selectors.": 10.0}: a parameter takes the
     # factor of the longest prefix its name starts with (1 otherwise), through warm-up and decay alike.
-    lr_scales: dict[str, float] | None = None
+    lr_scales: Optional[dict[str, LearningRate]] = None
 
     @property
     def total_epochs(self) -> int:
         return self.epochs + self.cooldown_epochs
 
     def validate(self) -> "TrainConfig":
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.cooldown_epochs >= 0, "cooldown_epochs must be >= 0"),
-            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
-            (self.lr > 0 and self.min_lr >= 0 and self.warmup_lr >= 0, "learning rates must be positive"),
-            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
-            (self.mixup_alpha >= 0 and 0 <= self.mixup_prob <= 1, "mixup_alpha >= 0 and mixup_prob in [0, 1]"),
-            (self.timesteps is None or self.timesteps >= 1, "timesteps must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.limit_train_batches is None or self.limit_train_batches >= 1, "limit_train_batches must be >= 1"),
-            (all(float(v) > 0 for v in (self.lr_scales or {}).values()), "lr_scales must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SpkpruneError(f"invalid training configuration: {message}")
+        """This configuration, or SpkpruneError naming the first field out of its bounds."""
+        try:
+            _ADAPTER.validate_python(dataclasses.asdict(self))
+        except ValidationError as err:
+            raise SpkpruneError(f"invalid training configuration: {describe_error(TrainConfig, err)}") from None
         return self
 
     def to_dict(self) -> dict:
@@ -92,6 +94,8 @@ class TrainConfig:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(base)
 
+
+_ADAPTER = TypeAdapter(TrainConfig)
 
 # From SPIKFORMER.md section 6 (the original timm-based scripts).
 _CIFAR = dict(

@@ -1,0 +1,37 @@
+"""Checks on output paths, made before any work: a long run must not end in a path it cannot write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spkprune.errors import SpkpruneError
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path` can be (or become) a folder we write into; else one line naming `what` (e.g. `--out`)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SpkpruneError(f"{what} {str(path)!r} is a file, not a folder; choose another path")
+    _check_parent(path, what)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` can be written as a file; else one line naming `what` (e.g. `--plot`)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SpkpruneError(f"{what} {str(path)!r} is a folder; give a file path")
+    _check_parent(path, what)
+    return path
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor must be a folder we may create entries in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SpkpruneError(f"{what} {str(path)!r}: {str(ancestor)!r} is a file, so nothing can be written below it")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or str(ancestor.resolve()).startswith(("/proc", "/sys")):
+        raise SpkpruneError(f"{what} {str(path)!r}: cannot write in {str(ancestor)!r} (permission denied)")
