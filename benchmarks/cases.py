@@ -151,7 +151,7 @@ def eval_setups(preset: str, batch: int, keeps: tuple[float, ...], compile: bool
 
 def export_sizes(preset: str, sparsity: float, repeats: int) -> list[dict]:
     """Dense and sparse export of a magnitude-pruned model: file sizes and median load times."""
-    from spkprune.export.formats import read_folder, weight_files, write_weights
+    from spkprune.checkpoint.folder import read_folder, weight_files, write_weights
 
     model = make_model(preset)
     masks = magnitude_masks(model, sparsity)

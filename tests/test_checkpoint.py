@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from spkprune.checkpoint import sources
 from spkprune.checkpoint import (
     FORMAT,
     MASK_PREFIX,
@@ -105,6 +104,26 @@ def test_newer_format_version_is_refused():
         from_tensors({"a": torch.zeros(1)}, {"format": FORMAT, "format_version": "2", "meta": "{}"}, "x.safetensors")
 
 
+@pytest.mark.parametrize(
+    "meta_text, kind",
+    [("[1, 2]", "a JSON array"), ('"text"', "a JSON string"), ("7.5", "a JSON number"), ("null", "JSON null")],
+)
+def test_metadata_that_is_json_but_not_an_object_is_one_line(tmp_path: Path, meta_text: str, kind: str):
+    from typer.testing import CliRunner
+
+    from spkprune.cli import app
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "format_version": "1", "meta": meta_text})
+    message = f"{path} is corrupt: its metadata is {kind}, not a JSON object"
+    with pytest.raises(SpkpruneError) as info:
+        load_checkpoint(str(path), None)
+    assert str(info.value) == message
+    result = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "show", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: {message}"]
+
+
 # ----------------------------------------------------------------------------------------- save / load
 def test_save_and_load_by_store_reference_is_bit_exact(store: Store, digits_model):
     ckpt = digits_checkpoint(digits_model)
@@ -176,7 +195,7 @@ def test_bare_name_prefers_the_store_and_needs_one(store: Store, tmp_path: Path,
         load_checkpoint("net", store)
 
 
-def test_folder_and_hub_references_delegate_to_export(monkeypatch, tmp_path: Path):
+def test_folder_and_hub_references_delegate_to_the_format_readers(monkeypatch, tmp_path: Path):
     folder = tmp_path / "exported"
     folder.mkdir()
     seen = []
@@ -185,12 +204,8 @@ def test_folder_and_hub_references_delegate_to_export(monkeypatch, tmp_path: Pat
         seen.append(Path(path))
         return Checkpoint({"w": torch.ones(2)}, {}, {"arch": "x"}, ref=None)
 
-    formats = types.ModuleType("spkprune.export.formats")
-    formats.read_folder = read_folder
-    hub = types.ModuleType("spkprune.export.hub")
-    hub.download_ref = lambda ref: folder if ref == "hf://org/repo@round-3" else None
-    monkeypatch.setitem(sys.modules, "spkprune.export.formats", formats)
-    monkeypatch.setitem(sys.modules, "spkprune.export.hub", hub)
+    monkeypatch.setattr(sources, "read_folder", read_folder)
+    monkeypatch.setattr(sources, "download_ref", lambda ref: folder if ref == "hf://org/repo@round-3" else None)
 
     assert load_checkpoint(str(folder), None).ref == str(folder)
     hub_ckpt = load_checkpoint("hf://org/repo@round-3", None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +16,12 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from spkprune.checkpoint import Checkpoint, build_model, folder, load_checkpoint, save_checkpoint
+from spkprune.checkpoint.folder import LossyWeightsWarning, read_folder, read_sparse, write_dense, write_sparse
 from spkprune.cli import app
 from spkprune.errors import SpkpruneError
-from spkprune.export import formats
 from spkprune.export.card import model_card
 from spkprune.export.exporter import export_checkpoint
-from spkprune.export.formats import LossyWeightsWarning, read_folder, read_sparse, write_dense, write_sparse
 from spkprune.models import create_model
 from spkprune.store import Store
 
@@ -95,7 +96,7 @@ def test_ticket_has_a_kept_zero_and_negative_zeros(ticket):
 
 
 def test_sparse_round_trip_is_bit_exact(tmp_path, ticket):
-    path = write_sparse(tmp_path / formats.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
+    path = write_sparse(tmp_path / folder.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LossyWeightsWarning)
         state, masks, meta = read_sparse(path)
@@ -106,7 +107,7 @@ def test_sparse_round_trip_is_bit_exact(tmp_path, ticket):
 
 
 def test_sparse_metadata_fields(tmp_path, ticket):
-    path = write_sparse(tmp_path / formats.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
+    path = write_sparse(tmp_path / folder.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
     with safe_open(str(path), "np") as handle:
         md = handle.metadata()
     assert md["format"] == "spkprune.sparse" and md["format_version"] == "1"
@@ -115,7 +116,7 @@ def test_sparse_metadata_fields(tmp_path, ticket):
     assert json.loads(md["sparsity"]) == ticket.meta["sparsity"]
     assert json.loads(md["metrics"]) == ticket.meta["metrics"]
     assert json.loads(md["recipe"]) == ticket.meta["recipe"]
-    assert md["mask_sha256"] == formats.mask_sha256(ticket.masks)
+    assert md["mask_sha256"] == folder.mask_sha256(ticket.masks)
     encodings = {row[3] for row in _table(md)}
     assert encodings <= {"dense", "bitmask", "csr"} and "bitmask" in encodings
 
@@ -144,19 +145,19 @@ def test_csr_chosen_where_smaller_and_round_trips(tmp_path):
 
 
 def test_dense_round_trip_is_bit_exact_and_loads_strictly(tmp_path, ticket):
-    formats.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "dense")
-    raw = load_file(str(tmp_path / formats.DENSE_FILE))
+    folder.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "dense")
+    raw = load_file(str(tmp_path / folder.DENSE_FILE))
     assert set(raw) == set(ticket.state_dict)  # exactly the original keys, nothing added
     model = create_model(PRESET)
     model.load_state_dict(raw, strict=True)
     ckpt = read_folder(tmp_path)
     assert_same_checkpoint(ckpt.state_dict, ckpt.masks, ticket)
     assert ckpt.meta["arch"] == PRESET and ckpt.meta["export"] == {"format": "dense", "dtype": "float32", "lossy": False}
-    assert json.loads((tmp_path / "config.json").read_text())["masks_file"] == formats.MASKS_FILE
+    assert json.loads((tmp_path / "config.json").read_text())["masks_file"] == folder.MASKS_FILE
 
 
 def test_float16_is_lossy_and_labelled(tmp_path, ticket):
-    path = write_sparse(tmp_path / formats.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta, "float16")
+    path = write_sparse(tmp_path / folder.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta, "float16")
     with pytest.warns(LossyWeightsWarning, match="float16-rounded"):
         state, masks, _ = read_sparse(path)
     expected = expected_weights(ticket)
@@ -182,7 +183,7 @@ def test_nonzero_pruned_weight_is_refused(tmp_path):
 
 
 def test_build_model_from_exported_folder(tmp_path, ticket):
-    formats.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "sparse")
+    folder.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "sparse")
     model = build_model(load_checkpoint(str(tmp_path)))
     loaded = model.state_dict()
     for key, value in expected_weights(ticket).items():
@@ -205,7 +206,7 @@ def _rewrite(path, change) -> None:
         metadata = dict(handle.metadata())
     stored = load_numpy(str(path))
     entries = json.loads(metadata["sections"])
-    from spkprune.export.sparse import decode_section
+    from spkprune.checkpoint.sparse import decode_section
 
     sections = {name: decode_section(path, name, entries[name], stored[name]).copy() for name in entries}
     change(sections, metadata)
@@ -217,7 +218,7 @@ def _rewrite(path, change) -> None:
 
 @pytest.fixture()
 def sparse_file(tmp_path, ticket):
-    return write_sparse(tmp_path / formats.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
+    return write_sparse(tmp_path / folder.SPARSE_FILE, ticket.state_dict, ticket.masks, ticket.meta)
 
 
 def test_rewritten_file_still_reads(sparse_file, ticket):
@@ -268,8 +269,8 @@ def test_truncated_file_is_refused(sparse_file):
 
 
 def test_corrupt_masks_file_is_refused(tmp_path, ticket):
-    formats.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "dense")
-    path = tmp_path / formats.MASKS_FILE
+    folder.write_weights(tmp_path, ticket.state_dict, ticket.masks, ticket.meta, "dense")
+    path = tmp_path / folder.MASKS_FILE
     with safe_open(str(path), "np") as handle:
         metadata = dict(handle.metadata())
     packed = load_numpy(str(path))
@@ -336,7 +337,7 @@ def store(tmp_path, ticket):
 
 def test_export_writes_a_complete_folder_with_lineage(tmp_path, store, ticket):
     result = export_checkpoint("t@round-1", tmp_path / "out", store=store, fmt="sparse")
-    assert [name for name, _ in result.files] == ["README.md", "config.json", formats.SPARSE_FILE]
+    assert [name for name, _ in result.files] == ["README.md", "config.json", folder.SPARSE_FILE]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| t@main | 0.0% | 90.0% |" in card and "| t@round-1 | 90.0% | 87.5% |" in card
     ckpt = load_checkpoint(str(tmp_path / "out"))
@@ -356,7 +357,7 @@ def test_cli_export_refuses_non_empty_out_and_replaces_with_overwrite(tmp_path, 
     assert (out / "keep.txt").read_text() == "mine"
     done = runner.invoke(app, args + ["--overwrite", "--format", "sparse", "--dtype", "float16"])
     assert done.exit_code == 0, done.output
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", formats.SPARSE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", folder.SPARSE_FILE]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folders left behind
     assert "float16 is lossy" in done.stdout
 
@@ -376,3 +377,109 @@ def test_cli_push_options_need_push_to_hub(tmp_path, store):
     )
     assert result.exit_code == 2 and "only apply to a push" in result.stderr
 
+
+
+# ------------------------------------------------------------------------------------------ reliability
+
+
+def _cli_error(result) -> str:
+    """The one stderr line of a refused CLI command (exit code 2, no traceback)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "dense"])
+def test_exporting_twice_gives_the_same_bytes(tmp_path, store, fmt):
+    # The store hands tensors back in hash-map order and safetensors writes metadata in hash-map order:
+    # three exports make an accidental match of either order unlikely.
+    exports = []
+    for run in range(3):
+        out = tmp_path / f"out-{run}"
+        export_checkpoint("t@round-1", out, store=store, fmt=fmt)
+        exports.append({path.name: path.read_bytes() for path in sorted(out.iterdir())})
+    assert exports[0] == exports[1] == exports[2]
+    weights = folder.SPARSE_FILE if fmt == "sparse" else folder.DENSE_FILE
+    assert weights in exports[0]
+    assert_same_checkpoint(*_state_and_masks(tmp_path / "out-0"), make_ticket())
+
+
+def _state_and_masks(path):
+    ckpt = load_checkpoint(str(path))
+    return ckpt.state_dict, ckpt.masks
+
+
+def test_sparse_table_follows_the_model_state_dict_order(tmp_path, store):
+    export_checkpoint("t@round-1", tmp_path / "out", store=store, fmt="sparse")
+    with safe_open(str(tmp_path / "out" / folder.SPARSE_FILE), "np") as handle:
+        keys = [row[0] for row in _table(handle.metadata())]
+    assert keys == list(create_model(PRESET).state_dict())
+
+
+@pytest.mark.parametrize("version", ["99", "2", None])
+def test_unknown_export_format_version_is_refused(tmp_path, ticket, version):
+    out = tmp_path / "export"
+    out.mkdir()
+    folder.write_weights(out, ticket.state_dict, ticket.masks, ticket.meta, "sparse")
+    config = json.loads((out / "config.json").read_text())
+    config["format_version"] = version
+    (out / "config.json").write_text(json.dumps(config))
+    message = (f"{out / 'config.json'} has export format version {version!r}; this spkprune reads version 1: "
+               "upgrade spkprune")
+    with pytest.raises(SpkpruneError) as info:
+        load_checkpoint(str(out))
+    assert str(info.value) == message
+    result = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "show", str(out)])
+    assert _cli_error(result) == f"error: {message}"
+
+
+def test_export_removes_temp_folders_that_killed_exports_left(tmp_path, store):
+    import os
+    import subprocess
+    import time
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # a process that is gone: what a killed export's PID names
+    past = time.time() - 3600
+    stale = [tmp_path / f".out.tmp-{finished.pid}-abcd_123", tmp_path / f".out.old-{finished.pid}-zz99zz99",
+             tmp_path / ".out.tmp-k3j4h5g6"]  # the last one from an export that wrote no PID, an hour old
+    running = [tmp_path / f".out.tmp-{os.getpid()}-running", tmp_path / f".other.tmp-{finished.pid}-abcdefgh"]
+    for path in stale + running:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    os.utime(stale[2], (past, past))
+
+    result = CliRunner().invoke(app, ["--store", str(store.root), "export", "t@round-1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.is_dir() for p in running)  # a live process's export and another output's are left alone
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == [running[0].name]
+
+
+def test_export_to_an_unwritable_place_is_one_line_before_any_work(tmp_path, store):
+    import os
+
+    plain_file = tmp_path / "notes.txt"
+    plain_file.write_text("a file, not a folder")
+    cases = [(plain_file / "out", f"--out {plain_file / 'out'} is inside {plain_file}, which is a file, not a folder"),
+             (plain_file / "a" / "b", f"--out {plain_file / 'a' / 'b'} is inside {plain_file}, which is a file")]
+    if os.path.isdir("/proc"):
+        cases += [(Path("/proc/spkprune-export"), "cannot write in /proc for --out /proc/spkprune-export"),
+                  (Path("/proc/spkprune/export"), "cannot create /proc/spkprune for --out")]
+    for out, start in cases:
+        # an unknown reference: the error about --out proves nothing was loaded first
+        result = CliRunner().invoke(app, ["--store", str(store.root), "export", "t@round-7", "--out", str(out)])
+        assert _cli_error(result).startswith(f"error: {start}"), (out, result.stderr)
+        with pytest.raises(SpkpruneError, match=re.escape(start)):
+            export_checkpoint("t@round-1", out, store=store)
+    assert plain_file.read_text() == "a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "store"]
+
+
+def test_failed_export_removes_the_folders_it_created(tmp_path, store):
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(SpkpruneError, match="has no tag 'round-7'"):
+        export_checkpoint("t@round-7", out, store=store)
+    assert not (tmp_path / "new").exists()

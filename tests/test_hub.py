@@ -12,7 +12,8 @@ from hubserver import HubServer
 from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.errors import SpkpruneError
-from spkprune.export.hub import download_ref, parse_hf_ref, push_folder
+from spkprune.checkpoint.hub import download_ref, parse_hf_ref
+from spkprune.export.hub import push_folder
 from spkprune.models import create_model
 from spkprune.store import Store
 

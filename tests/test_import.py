@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,19 @@ def test_refusals_exit_2_with_one_line_and_leave_no_store(tmp_path: Path, origin
         assert_refused(cli_import(tmp_path, tmp_path / filename), pattern)
         assert not (tmp_path / "store").exists(), f"{filename}: a refused import must not create a store"
     assert not marker.exists(), "the pickled os.system call must never run"
+
+
+def test_other_pickle_protocols_are_refused_without_torch_warnings(tmp_path: Path, original_state):
+    torch.save(original_state, tmp_path / "protocol4.pth", pickle_protocol=4)
+    with open(tmp_path / "raw.pth", "wb") as handle:
+        pickle.dump({"state_dict": {"w": 1}}, handle, protocol=5)
+    for name in ("protocol4.pth", "raw.pth"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(SpkpruneError, match=rf"{name} is not a readable PyTorch checkpoint"):
+                read_original_checkpoint(tmp_path / name)
+        assert [str(w.message) for w in caught] == []  # torch's "Detected pickle protocol" lines stay silent
+        assert_refused(cli_import(tmp_path, tmp_path / name), rf"{name} is not a readable PyTorch checkpoint")
 
 
 def test_unknown_preset_and_existing_name_via_cli(tmp_path: Path, original_state):

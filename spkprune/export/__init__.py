@@ -1,8 +1,9 @@
-"""Export: dense and sparse safetensors folders, the model card, and Hugging Face Hub push / pull."""
+"""Export: a checkpoint as a Hub-ready folder (weights, config.json, model card), and pushing it to the Hub.
+
+The file formats themselves and pulling `hf://` references belong to spkprune.checkpoint, the layer below.
+"""
 
 from spkprune.export.exporter import ExportResult, export_checkpoint
-from spkprune.export.formats import read_folder, read_sparse, write_sparse
-from spkprune.export.hub import download_ref, push_folder
+from spkprune.export.hub import PushResult, push_folder
 
-__all__ = ["ExportResult", "download_ref", "export_checkpoint", "push_folder", "read_folder", "read_sparse",
-           "write_sparse"]
+__all__ = ["ExportResult", "PushResult", "export_checkpoint", "push_folder"]

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from spkprune.export.common import DENSE_FILE, MASKS_FILE, SPARSE_FILE
+from spkprune.checkpoint.formats import DENSE_FILE, MASKS_FILE, SPARSE_FILE
 
 _TASK = {"type": "image-classification", "name": "Image Classification"}
 

@@ -11,12 +11,12 @@ pruned, so a given state_dict always yields the same mask, on every machine and 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from spkprune.checkpoint.formats import mask_sha256
 from spkprune.errors import SpkpruneError
 
 Masks = dict[str, torch.Tensor]
@@ -171,14 +171,9 @@ def apply_masks(state_dict: dict[str, torch.Tensor], masks: Mapping[str, torch.T
 
 # ----------------------------------------------------------------------------------------------- reports
 def mask_checksum(masks: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted keys, shapes and mask bits: equal masks give equal checksums on every process."""
-    digest = hashlib.sha256()
-    for key in sorted(masks):
-        mask = masks[key].detach().to("cpu", torch.bool).contiguous()
-        digest.update(key.encode())
-        digest.update(str(tuple(mask.shape)).encode())
-        digest.update(mask.numpy().tobytes())
-    return digest.hexdigest()
+    """The one mask checksum (spkprune.checkpoint.formats.mask_sha256): equal masks give equal checksums on every
+    process, and an exported file's `mask_sha256` equals the checksum IMP recorded for its masks."""
+    return mask_sha256(masks)
 
 
 def layer_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:

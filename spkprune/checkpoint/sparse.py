@@ -26,10 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file as save_numpy
 
-from spkprune.errors import SpkpruneError
-from spkprune.export.common import (
+from spkprune.checkpoint.formats import (
     BITORDER,
     CODECS,
     FORMAT_VERSION,
@@ -44,10 +42,12 @@ from spkprune.export.common import (
     mask_sha256,
     note_lossy,
     open_safetensors,
+    save_safetensors,
     smallest_uint,
     to_numpy,
     value_dtype,
 )
+from spkprune.errors import SpkpruneError
 
 ENCODINGS = ("dense", "bitmask", "csr")
 # Meta entries that are not copied into the weights file: the flops report lives in the model card.
@@ -172,8 +172,7 @@ def write_sparse(path: Path, state_dict: Mapping[str, torch.Tensor], masks: Mapp
         table.append([key, list(tensor.shape), logical, encoding])
     entries, stored = sections.encoded()
     metadata = {**_metadata(meta, masks, dtype), "sections": json.dumps(entries), "tensors": _pack_table(table)}
-    save_numpy(stored, str(path), metadata=metadata)
-    return path
+    return save_safetensors(path, stored, metadata)
 
 
 def _add_masked(sections: _Sections, encoding: str, array: np.ndarray, keep: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Export folders: dense `model.safetensors` (+ `masks.safetensors`), or `model.sparse.safetensors`, and config.json.
+"""Exported folders: dense `model.safetensors` (+ `masks.safetensors`), or `model.sparse.safetensors`, and config.json.
 
 `read_folder` turns an exported folder back into a Checkpoint; the sparse format itself lives in sparse.py.
 """
@@ -12,11 +12,11 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file as save_numpy
 
-from spkprune.errors import SpkpruneError
-from spkprune.export.common import (  # noqa: F401  (re-exported: the public names of the formats)
+from spkprune.checkpoint.core import Checkpoint
+from spkprune.checkpoint.formats import (  # noqa: F401  (re-exported: the public names of the formats)
     BITORDER,
+    CARD_FILE,
     CONFIG_FILE,
     DENSE_FILE,
     DENSE_FORMAT,
@@ -36,11 +36,13 @@ from spkprune.export.common import (  # noqa: F401  (re-exported: the public nam
     note_lossy,
     open_safetensors,
     pack_mask,
+    save_safetensors,
     to_numpy,
     unpack_mask,
     value_dtype,
 )
-from spkprune.export.sparse import read_sparse, write_sparse  # noqa: F401
+from spkprune.checkpoint.sparse import read_sparse, write_sparse  # noqa: F401
+from spkprune.errors import SpkpruneError
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -67,8 +69,7 @@ def write_dense(path: Path, state_dict: Mapping[str, torch.Tensor], masks: Mappi
         "value_dtype": dtype,
         "meta": json.dumps(jsonable(meta)),
     }
-    save_numpy(tensors, str(path), metadata=metadata)
-    return path
+    return save_safetensors(path, tensors, metadata)
 
 
 def write_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> Path:
@@ -81,8 +82,7 @@ def write_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> Path:
         "shapes": json.dumps(shapes),
         "mask_sha256": mask_sha256(masks),
     }
-    save_numpy({key: pack_mask(mask) for key, mask in masks.items()}, str(path), metadata=metadata)
-    return path
+    return save_safetensors(path, {key: pack_mask(mask) for key, mask in masks.items()}, metadata)
 
 
 def read_masks(path: str | Path) -> dict[str, torch.Tensor]:
@@ -110,7 +110,11 @@ def read_dense(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     with open_safetensors(path) as handle:
         metadata = handle.metadata() or {}
         state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
-    meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
+    if metadata.get("spkprune_format") == DENSE_FORMAT:  # a plain state_dict from other tools has no version
+        check_format(path, metadata, DENSE_FORMAT)
+    meta = json_field(path, metadata, "meta") if "meta" in metadata else {}
+    if not isinstance(meta, dict):
+        raise corrupt(path, "its meta field must be a JSON object")
     dtype = metadata.get("value_dtype", "float32")
     out = {}
     for key, array in state_dict.items():
@@ -173,6 +177,11 @@ def read_config(folder: str | Path) -> dict:
         raise SpkpruneError(f"{path} is not valid JSON ({err}); re-export or download it again") from None
     if not isinstance(config, dict) or config.get("format") not in ("dense", "sparse"):
         raise SpkpruneError(f"{path} does not name a format (dense or sparse); is this an spkprune export?")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise SpkpruneError(
+            f"{path} has export format version {config.get('format_version')!r}; this spkprune reads version "
+            f"{FORMAT_VERSION}: upgrade spkprune"
+        )
     return config
 
 
@@ -184,13 +193,11 @@ def weight_files(config: Mapping[str, Any]) -> list[str]:
     return files
 
 
-def read_folder(path: str | Path):
+def read_folder(path: str | Path) -> Checkpoint:
     """An exported folder (dense or sparse) as a Checkpoint, with exact masks where the export recorded them.
 
     A dense folder without masks.safetensors (an unpruned model) loads with no masks.
     """
-    from spkprune.checkpoint import Checkpoint
-
     folder = Path(path)
     config = read_config(folder)
     for name in weight_files(config):

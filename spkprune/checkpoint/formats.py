@@ -1,4 +1,5 @@
-"""What the export file formats share: file names, format identifiers, mask packing and small helpers."""
+"""What the exported folder formats share: file names, format identifiers, mask packing and the one mask checksum,
+a byte-reproducible safetensors writer, and small helpers (the formats themselves: folder.py, sparse.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as save_numpy
 
+from spkprune.checkpoint.core import mask_mismatch
 from spkprune.errors import SpkpruneError
+from spkprune.store import fs
 
 DENSE_FILE = "model.safetensors"
 SPARSE_FILE = "model.sparse.safetensors"
 MASKS_FILE = "masks.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 
 SPARSE_FORMAT = "spkprune.sparse"
 DENSE_FORMAT = "spkprune.dense"
@@ -55,7 +60,11 @@ def unpack_mask(bits: np.ndarray, numel: int) -> np.ndarray:
 
 
 def mask_sha256(masks: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over `key UTF-8, 0x00, packed mask bytes` for every masked tensor in sorted key order."""
+    """sha256 over `key UTF-8, 0x00, packed mask bytes` for every masked tensor in sorted key order.
+
+    The one mask checksum of spkprune: exported files record it (docs/export.md), IMP records and compares it.
+    Shapes are not hashed; every file records them beside the masks.
+    """
     digest = hashlib.sha256()
     for key in sorted(masks):
         digest.update(key.encode() + b"\0")
@@ -69,8 +78,6 @@ def canonical_weights(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str
     A pruned weight that is not zero means the checkpoint's weights and mask disagree; exporting it would
     change the model depending on the format, so it is refused.
     """
-    from spkprune.checkpoint import mask_mismatch
-
     out = {key: value.detach().cpu() for key, value in state_dict.items()}
     problem = mask_mismatch(masks, out)
     if problem:
@@ -145,10 +152,30 @@ def note_lossy(path: Path, dtype: str) -> None:
         )
 
 
-
 def smallest_uint(max_value: int) -> type:
     """The narrowest unsigned integer dtype that holds `max_value`."""
     for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
         if max_value <= np.iinfo(dtype).max:
             return dtype
     raise SpkpruneError(f"index {max_value} does not fit in 64 bits")
+
+
+def save_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Path:
+    """Write a safetensors file whose bytes depend only on its content.
+
+    safetensors writes `__metadata__` in hash-map order, which changes from call to call; the header is rewritten
+    with the metadata keys sorted and the tensors in data order. Offsets are relative to the data, so they stay.
+    """
+    data = save_numpy(dict(arrays), metadata=dict(metadata))
+    header = fs.parse_header(data)
+    start = 8 + int.from_bytes(data[:8], "little")
+    canonical = {"__metadata__": dict(sorted(fs.header_metadata(header).items()))}
+    tensors = [(key, info) for key, info in header.items() if key != "__metadata__"]
+    canonical.update(sorted(tensors, key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors lays it out
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        handle.write(memoryview(data)[start:])
+    return path
