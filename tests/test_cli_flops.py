@@ -135,4 +135,4 @@ def test_cli_subprocess_exit_code(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == ["error: keep ratio 2 must lie in (0, 1]; e.g. --keep 0.7"]
+    assert proc.stderr.strip().splitlines() == ["error: --keep: each keep ratio must lie in (0, 1], e.g. 0.7 or 0.9,0.7,0.5 (got '2')"]

@@ -51,7 +51,7 @@ def _usage_error(err: UsageError):
         raise err
     path = err.ctx.command_path if err.ctx is not None else "spkprune"
     command = " ".join(path.split()[1:])
-    message = one_line(err.format_message()).rstrip(".")
+    message = one_line(err.format_message()).rstrip(".").replace("Value error, ", "")
     message = message[:1].lower() + message[1:]
     prefix = f"{command}: " if command else ""
     typer.echo(f"error: {prefix}{message} (see {path} --help)", err=True)
