@@ -69,7 +69,6 @@ def test_cli_parameters_are_the_settings_fields_and_the_display_options(path):
 @pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
 def test_cli_choices_are_the_settings_literals(path):
     settings = COMMANDS[path]
-    params = {p.name: p for p in _command(path).params}
     for name, field in settings.model_fields.items():
         literal = [a for a in typing.get_args(field.annotation) if typing.get_origin(a) is typing.Literal]
         if typing.get_origin(field.annotation) is typing.Literal:

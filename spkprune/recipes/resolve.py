@@ -1,24 +1,20 @@
-"""From a YAML file and `key=value` overrides to a validated, fully resolved recipe.
+"""From the raw recipe tree (YAML read, overrides applied: see loading.py) to a validated, resolved recipe.
 
-Order of work: read the YAML -> apply overrides (typed later by the schema) -> resolve `${...}` interpolation ->
-check every key and value against the schema -> link stage references -> hash each stage's identity. Any problem
-raises RecipeError naming the key path and what was expected, before anything runs.
+Order of work: resolve `${...}` interpolation -> check every key and value against the stage's settings -> link
+stage references -> hash each stage's identity. Any problem raises RecipeError naming the key path and what was
+expected, before anything runs.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spkprune.errors import SpkpruneError
+from spkprune.recipes.identity import identity_options, stage_hash
+from spkprune.recipes.messages import RecipeError, did_you_mean, kind_of, text_of
 from spkprune.recipes.schema import (
     DATA_KEYS,
     SECTION_KEYS,
@@ -31,15 +27,9 @@ from spkprune.recipes.schema import (
 from spkprune.settings import Settings
 from spkprune.store.refs import DEFAULT_TAG
 
-HASH_LENGTH = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-_STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")  # no dots: stage names are parts of key paths
 _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 _STAGE_FIELDS = ("ref", "name", "out", "hash")
-
-
-class RecipeError(SpkpruneError):
-    """A recipe that cannot run: the message starts with the file and the key path."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +55,7 @@ class Stage:
 
     def identity(self) -> dict:
         """The JSON document hashed into this stage's identity."""
-        return {"type": self.type.name, "options": _identity_options(self)}
+        return {"type": self.type.name, "options": identity_options(self)}
 
 
 @dataclass
@@ -95,136 +85,12 @@ class Recipe:
         return found
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, interpolate, validate and hash a recipe file."""
-    path = Path(path)
-    where = str(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"no recipe file {path}; see recipes/ for examples") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise RecipeError(f"cannot read recipe {path}: {err}") from None
-    return parse_recipe(text, where=where, default_name=path.stem, overrides=overrides, path=path)
-
-
-def parse_recipe(
-    text: str,
-    *,
-    where: str = "recipe",
-    default_name: str = "recipe",
-    overrides: list[str] | None = None,
-    path: Path | None = None,
-) -> Recipe:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{where}: {problem}{at}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a mapping of keys (model, data, seed, vars, stages), got {_kind(raw)}")
-    raw = _normalise_stages(raw, where)
-    for item in overrides or []:
-        apply_override(raw, item, where)
-    return _Resolver(raw, where, default_name, path, list(overrides or [])).recipe()
-
-
-def _normalise_stages(raw: dict, where: str) -> dict:
-    """`stages` as an ordered mapping name -> options (a list of {name: ..., type: ...} is accepted too)."""
-    raw = copy.deepcopy(raw)
-    stages = raw.get("stages")
-    if stages is None:
-        raise RecipeError(f"{where}: stages: missing; expected a mapping of named stages (train, imp, ...)")
-    if isinstance(stages, list):
-        mapping: dict[str, Any] = {}
-        for index, item in enumerate(stages):
-            if not isinstance(item, dict) or "name" not in item:
-                raise RecipeError(f"{where}: stages[{index}]: expected a mapping with `name` and `type`")
-            item = dict(item)
-            name = str(item.pop("name"))
-            if name in mapping:
-                raise RecipeError(f"{where}: stages[{index}].name: duplicate stage name {name!r}")
-            mapping[name] = item
-        stages = mapping
-    if not isinstance(stages, dict) or not stages:
-        raise RecipeError(f"{where}: stages: expected a non-empty mapping of named stages, got {_kind(stages)}")
-    for name, body in stages.items():
-        if not isinstance(name, str) or not _STAGE_RE.match(name):
-            raise RecipeError(
-                f"{where}: stages.{name}: invalid stage name; use letters, digits and _ + - (starting with a "
-                "letter or digit; no dots, they separate key paths)"
-            )
-        if not isinstance(body, dict):
-            raise RecipeError(f"{where}: stages.{name}: expected a mapping of options with a `type`, got {_kind(body)}")
-        stages[name] = {str(key).replace("-", "_"): value for key, value in body.items()}
-    raw["stages"] = stages
-    return raw
-
-
-# ---------------------------------------------------------------------------------------------- overrides
-def apply_override(raw: dict, item: str, where: str) -> None:
-    """Apply one `key.path=value` override to the raw tree (values stay strings; the schema types them)."""
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise RecipeError(f"override {item!r}: expected key=value, for example imp.rounds=5 or seed=1")
-    parts = [part.replace("-", "_") for part in key.split(".")]
-    if any(not part for part in parts):
-        raise RecipeError(f"override {item!r}: empty part in the key path")
-    parts = _override_path(raw, parts, item)
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            if parts[0] == "stages" and depth == 1:
-                raise RecipeError(f"override {item!r}: no stage {part!r}; stages: {', '.join(raw['stages'])}")
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
-        node = child
-    node[parts[-1]] = _override_value(parts, value)
-
-
-def _override_path(raw: dict, parts: list[str], item: str) -> list[str]:
-    head = parts[0]
-    stages = raw["stages"]
-    if head in TOP_LEVEL or head in SECTION_KEYS:
-        if head in TOP_LEVEL and len(parts) > 1:
-            raise RecipeError(f"override {item!r}: {head} is a single value, not a mapping")
-        return parts
-    if head in stages:
-        return ["stages", *parts]
-    of_type = [name for name, body in stages.items() if body.get("type") == head]
-    if len(of_type) == 1:
-        return ["stages", of_type[0], *parts[1:]]
-    if len(of_type) > 1:
-        raise RecipeError(
-            f"override {item!r}: several stages have type {head!r} ({', '.join(of_type)}); name the stage instead"
-        )
-    known = [*TOP_LEVEL, *SECTION_KEYS, *stages]
-    raise RecipeError(
-        f"override {item!r}: {head!r} is not a recipe key, a stage name or a stage type{_did_you_mean(head, known)}; "
-        f"keys: {', '.join(TOP_LEVEL)}, data, vars; stages: {', '.join(stages)}"
-    )
-
-
-def _override_value(parts: list[str], value: str) -> Any:
-    if value.strip() in ("null", "~", ""):
-        return None
-    if parts[0] == "vars":  # variables have no schema: read the value as YAML (5 -> int, [1, 2] -> list)
-        try:
-            return yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
-    return value
-
-
 # ------------------------------------------------------------------------------------------- the resolver
+def resolve_recipe(raw: dict, where: str, default_name: str, path: Path | None, overrides: list[str]) -> "Recipe":
+    """Interpolate, validate, link and hash a raw recipe tree (overrides already applied)."""
+    return _Resolver(raw, where, default_name, path, overrides).recipe()
+
+
 class _Resolver:
     def __init__(self, raw: dict, where: str, default_name: str, path: Path | None, overrides: list[str]):
         self.raw = raw
@@ -246,7 +112,7 @@ class _Resolver:
         for key in self.raw:
             if key not in known:
                 raise self.fail(
-                    str(key), f"unknown key{_did_you_mean(str(key), known)}; expected one of {', '.join(sorted(known))}"
+                    str(key), f"unknown key{did_you_mean(str(key), known)}; expected one of {', '.join(sorted(known))}"
                 )
         top = self.validated(RecipeTop, {key: self.value(key) for key in TOP_LEVEL}, "").model_dump()
         name = top["name"] or self.default_name
@@ -261,7 +127,7 @@ class _Resolver:
         data = self.section("data")
         for key in data:
             if key not in DATA_KEYS:
-                raise self.fail(f"data.{key}", f"unknown key{_did_you_mean(key, DATA_KEYS)}; expected one of dataset, data_dir")
+                raise self.fail(f"data.{key}", f"unknown key{did_you_mean(key, DATA_KEYS)}; expected one of dataset, data_dir")
         self.data = self.validated(RecipeData, {key: self.value(f"data.{key}") for key in DATA_KEYS}, "data").model_dump()
         self.data["dataset"] = self.data["dataset"] or self.model_dataset()
         if self.data["dataset"] is not None:
@@ -296,7 +162,7 @@ class _Resolver:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
+            raise self.fail(key, f"expected a mapping, got {kind_of(value)}")
         return value
 
     def validated(self, model: type[Settings], values: dict, path: str) -> Settings:
@@ -316,7 +182,7 @@ class _Resolver:
         from spkprune.models import get_config, list_models
 
         if name not in list_models():
-            raise self.fail(key, f"unknown model preset {name!r}{_did_you_mean(name, list_models())}; see spkprune.list_models()")
+            raise self.fail(key, f"unknown model preset {name!r}{did_you_mean(name, list_models())}; see spkprune.list_models()")
         return get_config(name)
 
     def check_dataset(self, key: str, name: str) -> None:
@@ -356,7 +222,7 @@ class _Resolver:
         whole = _INTERP_RE.fullmatch(node.strip())
         if whole:  # `${vars.keep}` alone keeps the variable's type
             return self.lookup(key, whole.group(1).strip())
-        return _INTERP_RE.sub(lambda m: _text(self.lookup(key, m.group(1).strip())), node)
+        return _INTERP_RE.sub(lambda m: text_of(self.lookup(key, m.group(1).strip())), node)
 
     def lookup(self, key: str, target: str) -> Any:
         parts = target.split(".")
@@ -370,7 +236,7 @@ class _Resolver:
                 known = list(self.section("vars"))
                 raise self.fail(
                     key,
-                    f"unknown variable ${{{target}}}{_did_you_mean(parts[1], known)}; "
+                    f"unknown variable ${{{target}}}{did_you_mean(parts[1], known)}; "
                     f"defined: {', '.join(known) or 'none (add a vars: section)'}",
                 )
             return self.value(target)
@@ -416,7 +282,7 @@ class _Resolver:
             raise self.fail(f"{base}.type", f"missing; expected one of {', '.join(STAGE_TYPES)}")
         if kind not in STAGE_TYPES:
             raise self.fail(
-                f"{base}.type", f"unknown stage type {kind!r}{_did_you_mean(str(kind), STAGE_TYPES)}; "
+                f"{base}.type", f"unknown stage type {kind!r}{did_you_mean(str(kind), STAGE_TYPES)}; "
                 f"expected one of {', '.join(STAGE_TYPES)}"
             )
         stype = STAGE_TYPES[kind]
@@ -431,7 +297,7 @@ class _Resolver:
             if key not in stype.options:
                 raise self.fail(
                     f"{base}.{key}",
-                    f"unknown option for stage type {kind}{_did_you_mean(key, stype.options)}; "
+                    f"unknown option for stage type {kind}{did_you_mean(key, stype.options)}; "
                     f"expected one of {', '.join(stype.options)}",
                 )
             options[key] = self.value(f"{base}.{key}")
@@ -509,7 +375,7 @@ class _Resolver:
         earlier = ", ".join(self.stages) or "none"
         raise self.fail(
             key,
-            f"{value!r} is not an earlier stage{_did_you_mean(head, self.stages)} (earlier stages: {earlier}); "
+            f"{value!r} is not an earlier stage{did_you_mean(head, self.stages)} (earlier stages: {earlier}); "
             "write NAME@TAG for a store reference, a path, or hf://ORG/REPO",
         )
 
@@ -546,34 +412,6 @@ class _Resolver:
         return source or None  # evaluate / flops: reading them means reading what they read
 
 
-# ------------------------------------------------------------------------------------------------ identity
-def stage_hash(stage: Stage, earlier: dict[str, Stage]) -> str:
-    """A stage's identity: its type, its identity options, and the identities of the stages it reads.
-
-    Output names (`name`, `out`) are not part of it: renaming an artifact re-runs nothing upstream or downstream.
-    """
-    document = {
-        "type": stage.type.name,
-        "options": _identity_options(stage),
-        "inputs": {dep: earlier[dep].hash for dep in stage.deps},
-    }
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
-
-
-def _identity_options(stage: Stage) -> dict:
-    options: dict[str, Any] = {}
-    for key, value in stage.options.items():
-        opt = stage.type.options[key]
-        if not opt.identity or value is None:
-            continue
-        target = stage.inputs.get(key)
-        if target is not None and target.stage is not None:
-            value = {"stage": target.stage, "tag": target.tag}  # the upstream hash is in "inputs"
-        options[key] = value
-    return options
-
-
 def _plain_options(stage: Stage) -> dict:
     return {key: value for key, value in stage.options.items() if value is not None}
 
@@ -607,22 +445,3 @@ def _looks_external(value: str) -> bool:
     )
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}.get(
-        type(value), type(value).__name__
-    ) + ("" if isinstance(value, (dict, list)) or value is None else f" ({value!r})")
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
