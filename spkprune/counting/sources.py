@@ -12,33 +12,6 @@ import torch.nn as nn
 from spkprune.errors import SpkpruneError
 
 
-def parse_keep(text: str | None) -> float | list[float] | None:
-    """`"0.7"` -> 0.7 (cumulative rho, rho^2, ...), `"0.9,0.7,0.5"` -> one cumulative ratio per location."""
-    if text is None or text == "":
-        return None
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        ratios = [float(p) for p in parts]
-    except ValueError:
-        raise SpkpruneError(f"--keep {text!r} is not a number or a comma-separated list of numbers, e.g. 0.7") from None
-    for ratio in ratios:
-        if not 0 < ratio <= 1:
-            raise SpkpruneError(f"keep ratio {ratio:g} must lie in (0, 1]; e.g. --keep 0.7")
-    return ratios[0] if len(ratios) == 1 else ratios
-
-
-def open_store_if_any(store_dir: str | Path | None):
-    """The store at `store_dir`, or None when there is none (a preset or a file needs no store)."""
-    from spkprune.store import Store
-
-    if store_dir is None or not Path(store_dir).is_dir():
-        return None
-    try:
-        return Store.open(store_dir, create=False)
-    except SpkpruneError:
-        return None
-
-
 def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
     """(model, masks, source kind "preset" | "checkpoint") for a preset name or a checkpoint reference."""
     from spkprune.models import create_model, list_models
