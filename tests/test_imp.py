@@ -21,7 +21,9 @@ from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.models import create_model
 from spkprune.pruning import imp as imp_mod
+from spkprune.pruning import lottery as lottery_mod
 from spkprune.pruning import masks as M
+from spkprune.pruning import rewind as rewind_mod
 from spkprune.pruning.imp import ImpSettings, run_imp
 from spkprune.store import Store
 from spkprune.training import TrainConfig, TrainHooks, fit
@@ -164,7 +166,7 @@ def test_pruned_weights_stay_zero_through_adamw_steps(store):
     assert moved > 0.9 * sum(int(m.sum()) for m in masks.values())  # the kept weights did train
     with pytest.raises(RuntimeError, match="pruned weights of"):
         regrown = {k: v.detach().clone() + 1 for k, v in model.state_dict().items()}
-        imp_mod._check_pruned_zero(regrown, masks, "t@round-1")
+        lottery_mod._check_pruned_zero(regrown, masks, "t@round-1")
 
 
 def test_controls_share_the_ticket_sparsity_but_not_its_mask_or_init(store):
@@ -184,8 +186,8 @@ def test_controls_share_the_ticket_sparsity_but_not_its_mask_or_init(store):
 
 
 def test_fresh_initialisation_is_seeded_and_differs_from_init(store):
-    src = imp_mod._load_source(store, "src", ImpSettings(rounds=1))
-    run = imp_mod._Run(store, src, "t", ImpSettings(rounds=1), progress=False, log=print)
+    src = rewind_mod.load_source(store, "src", ImpSettings(rounds=1))
+    run = lottery_mod.Lottery(store, src, "t", ImpSettings(rounds=1), progress=False, log=print)
     a, b = run.fresh_model(2, seed=11).state_dict(), run.fresh_model(2, seed=11).state_dict()
     init = load_checkpoint("src@init", store).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)

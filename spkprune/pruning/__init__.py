@@ -1,6 +1,6 @@
-"""Weight pruning: masks (what is pruned, by exact counts) and the lottery-ticket rounds driver (IMP)."""
+"""Weight pruning: masks (what is pruned, by exact counts) and the lottery-ticket rounds (IMP, `imp.run_imp`)."""
 
-from spkprune.pruning.imp import CONTROLS, ImpReport, RoundRow, plot_imp, run_imp
+from spkprune.pruning.imp import CONTROLS, ImpReport, RoundRow, describe, plot_imp, run_imp, share_masks
 from spkprune.pruning.settings import ImpSettings, parse_rewind
 from spkprune.pruning.masks import (
     Masks,
@@ -18,7 +18,7 @@ from spkprune.pruning.masks import (
 )
 
 __all__ = [
-    "CONTROLS", "ImpReport", "ImpSettings", "Masks", "RoundRow", "apply_masks", "count_pruned", "eligible_keys",
-    "full_masks", "layer_sparsity", "magnitude_masks", "magnitude_scores", "mask_checksum", "parse_rewind",
-    "plot_imp", "random_masks_like", "rate_for_target", "run_imp", "sparsity_schedule",
+    "CONTROLS", "ImpReport", "ImpSettings", "Masks", "RoundRow", "apply_masks", "count_pruned", "describe",
+    "eligible_keys", "full_masks", "layer_sparsity", "magnitude_masks", "magnitude_scores", "mask_checksum",
+    "parse_rewind", "plot_imp", "random_masks_like", "rate_for_target", "run_imp", "share_masks", "sparsity_schedule",
 ]

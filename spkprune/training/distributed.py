@@ -50,6 +50,12 @@ def current() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper; `model` itself otherwise."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def is_main() -> bool:
     return current().is_main
 

@@ -3,7 +3,6 @@ under torchrun, mask enforcement, hooks, exact resume)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -14,25 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from spkprune.data import dataset_info, get_dataset, make_loader
+from spkprune.data import dataset_info, make_loader
 from spkprune.errors import SpkpruneError
 from spkprune.models.fastpath import prepare_for_training
 from spkprune.training import distributed
+from spkprune.training.amp import autocast
 from spkprune.training.config import TrainConfig
+from spkprune.training.datasets import train_test_splits
 from spkprune.training.evaluate import evaluate
 from spkprune.training.masking import MaskEnforcer
 from spkprune.training.mixup import Mixup, soft_target_cross_entropy
 from spkprune.training.progress import TrainProgress
 from spkprune.training.schedule import WarmupCosine
 from spkprune.training.state import (
+    STATE_FORMAT,
     capture_rng,
+    check_resumable,
     flatten_optimizer,
     restore_rng,
     seed_everything,
     unflatten_optimizer,
 )
-
-STATE_FORMAT = "spkprune.train-state/1"
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -117,19 +118,6 @@ def _lr_scale(name: str, lr_scales: dict[str, float] | None) -> float:
     return float(lr_scales[max(matches, key=len)]) if matches else 1.0
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast("cuda", dtype=torch.float16) if enabled else contextlib.nullcontext()
-
-
-def _datasets(model: nn.Module, cfg: TrainConfig, train_data, test_data) -> tuple[Dataset, Dataset]:
-    timesteps = getattr(getattr(model, "config", None), "timesteps", None)
-    if train_data is None:
-        train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment)
-    if test_data is None:
-        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps, augment=False)
-    return train_data, test_data
-
-
 class _Trainer:
     """Holds the objects of one run; `fit` below is the public entry point."""
 
@@ -141,7 +129,7 @@ class _Trainer:
         self.model = model.to(self.device)
         if hasattr(model, "neuron_sites"):  # lean neurons, fused BN + LIF, spikes kept as bool for backward
             prepare_for_training(model, compile=cfg.compile)
-        self.train_data, self.test_data = _datasets(model, cfg, train_data, test_data)
+        self.train_data, self.test_data = train_test_splits(cfg, model, train_data, test_data)
         self.loader = make_loader(
             self.train_data, cfg.batch_size, train=True, seed=cfg.seed, num_workers=cfg.num_workers
         )
@@ -175,8 +163,7 @@ class _Trainer:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
     def resume_from(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
-        if info.get("format") != STATE_FORMAT:
-            raise SpkpruneError(f"training state has format {info.get('format')!r}, expected {STATE_FORMAT}")
+        check_resumable(info)
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, info["optimizer"]))
         self.scheduler.load_state_dict(info["scheduler"])
         if info["scaler"]:
@@ -204,7 +191,7 @@ class _Trainer:
         if mixup is not None:
             images, targets = mixup(images, targets)
         lr = self.scheduler.apply()
-        with _autocast(self.device, self.use_amp):
+        with autocast(self.device, self.use_amp):
             logits = self.net(images)
             loss = self._loss(images, targets, logits)
         self.optimizer.zero_grad(set_to_none=True)

@@ -10,20 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spkprune.checkpoint import mask_mismatch
 from spkprune.errors import SpkpruneError
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+from spkprune.training.distributed import unwrap
 
 
 class MaskEnforcer:
     """`masks` maps parameter names (state_dict keys) to bool tensors; True = kept, False = pruned."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, masks: dict[str, torch.Tensor]):
-        from spkprune.checkpoint import mask_mismatch
-
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(unwrap(model).named_parameters())
         self.optimizer = optimizer
         problem = mask_mismatch(masks, params)
         if problem:

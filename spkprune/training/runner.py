@@ -1,12 +1,14 @@
-"""Training into the store: the library behind `spkprune train` (and any recipe stage that trains).
+"""Training into the store and evaluating any reference: the library behind `spkprune train` and `spkprune evaluate`
+(and any recipe stage that trains).
 
 Artifacts of a run NAME:
 - `NAME@init`: the initial weights (lottery-ticket rewinding goes back to them), written before the first step.
 - `NAME@epoch-K`: the weights after epoch K. Kept: the epochs in `keep_epochs` (late-rewinding points) and the
   last finished one; the others are deleted as the run moves on, so the store stays small.
 - `NAME@iter-K`: the weights after optimiser step K, for each K in `save_iters` (iteration rewinding).
-- `NAME@train-state` (kind `train-state`): optimiser, schedule, AMP scaler and RNG state after the last finished
-  epoch, replaced every epoch; `resume=True` continues from it. Deleted when the run finishes.
+- `NAME@train-state` (kind `train-state`, `spkprune.training.state`): weights, masks, optimiser, schedule, AMP scaler
+  and RNG state after the last finished epoch, replaced every epoch; `resume=True` continues from it. Deleted when
+  the run finishes.
 - `NAME` (`NAME@main`): the final weights with `meta["metrics"]` (test top1/top5/loss), `meta["train"]` (the full
   TrainConfig), `meta["config"]`, `meta["arch"]`, `meta["seed"]`.
 Each epoch writes the new checkpoint first, then the training state, then deletes stale epochs: a process killed
@@ -15,25 +17,27 @@ at any point leaves a resumable run.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
-from spkprune.data import dataset_info
+from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
+from spkprune.models.selector import tokens_per_block
 from spkprune.store import Artifact, Store, check_name
 from spkprune.training import distributed
 from spkprune.training.config import TrainConfig
+from spkprune.training.datasets import check_compatible, train_test_splits
+from spkprune.training.evaluate import evaluate
 from spkprune.training.loop import FitResult, TrainHooks, TrainState, fit
-from spkprune.training.state import seed_everything
+from spkprune.training.state import load_train_state, save_train_state, seed_everything, weights_of
 
 DEFAULT_KEEP_EPOCHS = (1, 2, 3)
 STATE_TAG = "train-state"
-STATE_KIND = "train-state"
-STATE_FORMAT = "spkprune.train-state"
 
 
 @dataclass
@@ -52,23 +56,6 @@ def iter_tag(step: int) -> str:
     return f"iter-{step}"
 
 
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def check_compatible(model: nn.Module, dataset: str) -> None:
-    """The model's classes, channels and image size must fit the data set."""
-    info, cfg = dataset_info(dataset), model.config
-    wanted = {"num_classes": info.num_classes, "in_channels": info.in_channels, "img_size": info.img_size}
-    wrong = {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
-    if wrong:
-        detail = ", ".join(f"{k} {have} (needs {need})" for k, (have, need) in wrong.items())
-        raise SpkpruneError(
-            f"model {getattr(model, 'preset', None) or 'model'} does not fit dataset {dataset}: {detail}; "
-            f"use a {dataset} preset such as {info.default_preset}"
-        )
-
-
 class _RunWriter:
     """The on_epoch_end / on_step_end hooks that save the run's artifacts (rank 0 only)."""
 
@@ -79,27 +66,27 @@ class _RunWriter:
         self.parent = f"{name}@init"
         self.main = distributed.is_main()
 
-    def _save(self, tag: str, model: nn.Module, extra: dict) -> Artifact:
-        ckpt = Checkpoint(weights_of(model), self.masks, {**self.base_meta, **extra})
+    def _save(self, tag: str, weights: dict[str, torch.Tensor], extra: dict) -> Artifact:
+        ckpt = Checkpoint(weights, self.masks, {**self.base_meta, **extra})
         return save_checkpoint(self.store, self.name, tag, ckpt, parent=self.parent, replace=True)
 
     def on_step_end(self, state: TrainState) -> None:
         if self.main and state.global_step in self.save_iters:
-            self._save(iter_tag(state.global_step), state.model, {"epoch": state.epoch, "step": state.global_step})
+            extra = {"epoch": state.epoch, "step": state.global_step}
+            self._save(iter_tag(state.global_step), weights_of(state.model), extra)
 
     def on_epoch_end(self, state: TrainState) -> None:
         if not self.main:
             return
+        weights = weights_of(state.model)
         metrics = {k: state.metrics[k] for k in ("top1", "top5", "loss") if k in state.metrics}
         self._save(
-            epoch_tag(state.epoch), state.model,
+            epoch_tag(state.epoch), weights,
             {"epoch": state.epoch, "step": state.global_step, "metrics": metrics, "history": state.history},
         )
-        tensors, info = state.state_tensors()
-        self.store.put(
-            self.name, STATE_TAG, tensors, {"format": STATE_FORMAT, "state": json.dumps(info)},
-            {"epoch": state.epoch, "weights": f"{self.name}@{epoch_tag(state.epoch)}"},
-            kind=STATE_KIND, parent=self.parent, replace=True,
+        save_train_state(
+            self.store, self.name, STATE_TAG, weights=weights, masks=self.masks, resume=state.state_tensors(),
+            meta={"epoch": state.epoch}, parent=self.parent,
         )
         self.drop_stale_epochs(state.epoch)
 
@@ -109,13 +96,6 @@ class _RunWriter:
                 epoch = int(tag[6:])
                 if epoch != last_epoch and epoch not in self.keep_epochs:
                     self.store.delete(self.name, tag)
-
-
-def _load_state(store: Store, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, metadata = store.read(store.resolve(f"{name}@{STATE_TAG}"))
-    if metadata.get("format") != STATE_FORMAT:
-        raise SpkpruneError(f"{name}@{STATE_TAG} is not a training state; delete it and train again")
-    return tensors, json.loads(metadata["state"])
 
 
 def _initial_model(store, arch, init, overrides) -> tuple[nn.Module, dict, str | None]:
@@ -169,7 +149,7 @@ def train_to_store(
     seed_everything(cfg.seed)
     model, masks, parent = _initial_model(store, arch, init, overrides)
     check_compatible(model, cfg.dataset)
-    data = _datasets(cfg, model)  # a missing data set fails here, before anything is written
+    data = train_test_splits(cfg, model)  # a missing data set fails here, before anything is written
     meta = {
         "arch": model.preset or arch,
         "config": model.config.to_dict(),
@@ -197,13 +177,13 @@ def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, p
     cfg = TrainConfig.from_dict(meta["train"])
     _check_same(cfg, overrides or {}, name)
     if store.exists(name, STATE_TAG):
-        tensors, info = _load_state(store, name)
-        ckpt = load_checkpoint(f"{name}@{epoch_tag(info['epoch'])}", store)
-        resume, start = (tensors, info), int(info["epoch"])
+        saved = load_train_state(store, store.resolve(f"{name}@{STATE_TAG}"))
+        ckpt = dataclasses.replace(init, state_dict=saved.weights)
+        resume, start = saved.resume, saved.epoch
     else:
         ckpt, resume, start = init, None, 0
     model = build_model(ckpt)
-    outcome = _run(store, name, model, cfg, dict(init.masks), meta, resume, progress, _datasets(cfg, model))
+    outcome = _run(store, name, model, cfg, dict(init.masks), meta, resume, progress, train_test_splits(cfg, model))
     outcome.resumed_from_epoch = start
     return outcome
 
@@ -216,16 +196,6 @@ def _check_same(cfg: TrainConfig, overrides: dict, name: str) -> None:
             f"--resume continues {name} with its own settings; these options differ: {', '.join(differ)}; "
             f"drop them or start a new --name"
         )
-
-
-def _datasets(cfg: TrainConfig, model: nn.Module) -> tuple:
-    from spkprune.data import get_dataset
-
-    timesteps = model.config.timesteps
-    return (
-        get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment),
-        get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps),
-    )
 
 
 def _run(store, name, model, cfg, masks, meta, resume, progress, data) -> TrainOutcome:
@@ -249,3 +219,37 @@ def _run(store, name, model, cfg, masks, meta, resume, progress, data) -> TrainO
         writer.drop_stale_epochs(result.epochs)
     distributed.barrier()
     return TrainOutcome(artifact, metrics, result, None)
+
+
+def evaluate_checkpoint(
+    ref: str,
+    store_path=None,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    compile: bool = False,
+) -> dict:
+    """Load `ref` (store reference, file, folder or hf://), evaluate it on the test split of its data set.
+
+    Returns `evaluate()`'s metrics plus `ref`, `dataset` and `tokens_per_block` (None for a model without token
+    selectors).
+    """
+    store = None
+    if store_path is not None and Path(store_path).is_dir():
+        store = Store.open(store_path, create=False)
+    ckpt = load_checkpoint(ref, store)
+    train_meta = ckpt.meta.get("train") or {}
+    dataset = dataset or train_meta.get("dataset") or (ckpt.meta.get("config") or {}).get("dataset")
+    if not dataset:
+        raise SpkpruneError(f"{ckpt.ref or ref} does not say which data set it was trained on; pass --dataset")
+    if data_dir is None and dataset == train_meta.get("dataset"):
+        data_dir = train_meta.get("data_dir")
+    model = build_model(ckpt)
+    check_compatible(model, dataset)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps)
+    metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device, compile=compile)
+    tokens = tokens_per_block(model) if len(getattr(model, "token_selectors", {})) > 0 else None
+    return {"ref": ckpt.ref or ref, "dataset": dataset, **metrics, "tokens_per_block": tokens}

@@ -1,16 +1,41 @@
-"""Training state (optimiser, schedule, AMP scaler, RNG) as a flat tensor dict plus a JSON-able dict, so that it can
-be stored beside the weights in a safetensors blob and a resumed run continues bit-exactly."""
+"""The one resumable training state: what a run needs to continue bit-exactly after some epoch.
+
+`fit` gives it as a pair (flat tensors, JSON-able info): optimiser, schedule, AMP scaler and RNG
+(`TrainState.state_tensors()`), and takes it back with `fit(resume=...)`. In the store it is one safetensors blob of
+kind `train-state`: the weights under their state_dict keys, the masks under `__mask__.<key>`, the optimiser under
+`__optim__.*`, the RNG under `__rng__.*`, and `__metadata__ = {"format": STATE_FORMAT, "state": json.dumps(info)}`.
+The training runner (`NAME@train-state`) and IMP (`NAME@round-K-epoch-E`) both write and read it here.
+"""
 
 from __future__ import annotations
 
+import json
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from spkprune.checkpoint import MASK_PREFIX
+from spkprune.errors import SpkpruneError
+
+if TYPE_CHECKING:
+    from spkprune.store import Artifact, Store
+
+STATE_FORMAT = "spkprune.train-state/2"
+STATE_KIND = "train-state"
 OPTIM_PREFIX = "__optim__."
 RNG_PREFIX = "__rng__."
+
+# What earlier versions wrote, still read so that their interrupted runs resume: fit's info, the runner's blob
+# (optimiser and RNG only; the weights in the checkpoint its meta "weights" names, the info in the header) and
+# IMP's blob (weights and masks too; the info in the index meta "state", kind `imp-state`).
+_INFO_FORMAT_V1 = "spkprune.train-state/1"
+_RUNNER_FORMAT_V1 = "spkprune.train-state"
+_IMP_FORMAT_V1 = "spkprune.imp-state"
+STATE_KINDS = (STATE_KIND, "imp-state")
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -71,3 +96,65 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict, detached and copied to the CPU."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def check_resumable(info: dict) -> None:
+    """SpkpruneError unless `info` is the JSON half of a training state (this format or an earlier one)."""
+    if info.get("format") not in (STATE_FORMAT, _INFO_FORMAT_V1):
+        raise SpkpruneError(f"training state has format {info.get('format')!r}, expected {STATE_FORMAT}")
+
+
+@dataclass
+class SavedState:
+    """A training state read back: the weights and masks after `epoch`, and what `fit(resume=...)` takes."""
+
+    weights: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    resume: tuple[dict[str, torch.Tensor], dict]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.resume[1]["epoch"])
+
+
+def save_train_state(
+    store: "Store",
+    name: str,
+    tag: str,
+    *,
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    resume: tuple[dict[str, torch.Tensor], dict],
+    meta: dict,
+    parent: str | None,
+) -> "Artifact":
+    """Write NAME@TAG (replacing it): `weights`, `masks` and `resume` (a `TrainState.state_tensors()` pair)."""
+    tensors, info = resume
+    blob = {**weights, **{MASK_PREFIX + key: mask for key, mask in masks.items()}, **tensors}
+    header = {"format": STATE_FORMAT, "state": json.dumps(info)}
+    return store.put(name, tag, blob, header, meta, kind=STATE_KIND, parent=parent, replace=True)
+
+
+def load_train_state(store: "Store", art: "Artifact") -> SavedState:
+    """Read a training state written by `save_train_state` or by an earlier version of spkprune."""
+    tensors, header = store.read(art)
+    fmt = header.get("format")
+    if fmt == STATE_FORMAT:
+        info = json.loads(header["state"])
+    elif fmt == _IMP_FORMAT_V1:
+        info = art.meta["state"]
+    elif fmt == _RUNNER_FORMAT_V1:
+        info = json.loads(header["state"])
+        weights, _ = store.read(store.resolve(art.meta["weights"]))
+        tensors = {**weights, **tensors}
+    else:
+        raise SpkpruneError(f"{art.ref} is not a training state; delete it and train again")
+    state = {k: v for k, v in tensors.items() if k.startswith((OPTIM_PREFIX, RNG_PREFIX))}
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith((MASK_PREFIX, OPTIM_PREFIX, RNG_PREFIX))}
+    return SavedState(weights, masks, (state, info))
