@@ -406,3 +406,19 @@ def test_flops_stage_calls_the_library_like_the_command(tmp_path):
     cli = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), "flops", "report", "spikformer-2-64-digits",
                                    "--keep", "0.5", "--format", "json"])
     assert json.loads(cli.stdout)["totals"]["dense_macs"] == result["dense_macs"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.data_dir=/no/such/dir"], "stages.dense.data_dir: folder /no/such/dir does not exist"),
+        (["dense.init=./missing.safetensors"], "stages.dense.init: ./missing.safetensors does not exist"),
+        (["selected.teacher=gone@main"], "stages.selected.teacher: gone@main is not in the store"),
+        (["data.dataset=cifar10", "model=spikformer-4-384-cifar10"], "data set cifar10 is read from local files"),
+    ],
+)
+def test_missing_inputs_fail_before_any_stage_runs(tmp_path, monkeypatch, overrides, message):
+    fake = FakeLibrary(monkeypatch)
+    with pytest.raises(RecipeError, match=message):
+        run_recipe(tiny(tmp_path, overrides), tmp_path / "store")
+    assert fake.calls == [] and not RunRecord.load(tmp_path / "store", "tiny").stages

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spkprune.errors import SpkpruneError
+from spkprune.recipes.preflight import preflight
 from spkprune.recipes.record import RunRecord, run_lock
 from spkprune.recipes.resolve import Recipe, Stage
 from spkprune.store import Artifact, Store, parse_ref
@@ -115,6 +116,8 @@ def run_recipe(recipe: Recipe, store_root: str | os.PathLike, *, log: Log = lamb
     main = _is_main_process()
     lock = run_lock(store_root, recipe.name) if main else nullcontext()
     with lock:
+        pending = [s for s, o in zip(recipe.stages, plan(recipe, store_root)) if o.action != "skip"]
+        preflight(recipe, pending, store)
         record = RunRecord.load(store_root, recipe.name)
         record.recipe = recipe.resolved
         ran: set[str] = set()
