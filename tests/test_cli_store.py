@@ -178,6 +178,40 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_store_unchanged(store: S
     assert sorted(p.name for p in not_a_store.iterdir()) == ["README"]
 
 
+def test_a_corrupt_index_row_is_named_and_the_rest_still_listed(store: Store):
+    import sqlite3
+
+    con = sqlite3.connect(store.index_path)
+    con.execute("UPDATE artifacts SET meta = '{truncated' WHERE name = 'base' AND tag = 'main'")
+    con.commit()
+    con.close()
+    before = snapshot(store.root)
+
+    for fmt in ("json", "csv", "table"):
+        listing = cli(store.root, "ls", "--format", fmt)
+        assert listing.exit_code == 0, listing.output
+        warning = listing.stderr.strip().splitlines()
+        assert len(warning) == 1 and warning[0].startswith("warning: artifact base@main has a corrupt index row in ")
+        assert "spkprune rm base@main" in warning[0] and "left out of this listing" in warning[0]
+        assert "base@init" in listing.stdout and "ticket@round-1" in listing.stdout
+        assert "base@main" not in listing.stdout and "Traceback" not in listing.output
+    refs = [row["ref"] for row in json.loads(cli(store.root, "ls", "--format", "json").stdout)]
+    assert refs == ["base@init", "ticket@round-1"]
+    assert cli(store.root, "ls", "base", "--format", "json").stderr.count("warning:") == 1
+
+    assert_user_error(cli(store.root, "show", "base"), r"^error: artifact base@main has a corrupt index row in .*"
+                                                       r"its metadata is not JSON .*\(spkprune rm base@main\)")
+    child = cli(store.root, "show", "ticket@round-1", "--format", "json")  # its parent is the corrupt row
+    assert child.exit_code == 0 and json.loads(child.stdout)["lineage"] == [{"ref": "base@main",
+                                                                             "kind": "corrupt index row"}]
+    assert child.stderr.startswith("warning: the lineage of ticket@round-1 is cut short: artifact base@main has")
+    assert len(child.stderr.strip().splitlines()) == 1
+    assert snapshot(store.root) == before
+    removed = cli(store.root, "rm", "base@main")
+    assert removed.exit_code == 0 and "removed base@main" in removed.stderr
+    assert cli(store.root, "ls", "--format", "json").stderr == ""
+
+
 def test_corrupt_blob_is_reported_by_the_real_cli(store: Store):
     art = store.resolve("base@main")
     data = bytearray(art.path.read_bytes())

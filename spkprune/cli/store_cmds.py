@@ -13,14 +13,14 @@ from spkprune.checkpoint import Checkpoint, load_artifact, load_checkpoint, tens
 from spkprune.cli.app import app, store_dir
 from spkprune.cli.render import check_format, render_frame, stderr, stdout
 from spkprune.errors import SpkpruneError
-from spkprune.store import Artifact, Store, is_store_ref, parse_ref
+from spkprune.store import Artifact, CorruptRowError, Store, is_store_ref, parse_ref
 
 FORMAT_HELP = "Output: table (for people), json, csv or md (for scripts)."
 
 
 def open_existing_store(path: Path) -> Store | None:
     """The store at `path`, or None when nothing exists there yet (reading never creates a store)."""
-    return Store.open(path, create=False) if path.exists() else None
+    return Store.existing(path)
 
 
 def human_size(size: int) -> str:
@@ -76,19 +76,21 @@ def ls_command(
     """List the checkpoints in the store: reference, kind, preset, parent, sparsity, top-1, size, creation time."""
     check_format(fmt)
     store = open_existing_store(store_dir(ctx))
-    arts = store.list(name) if store else []
-    if name and not arts:
+    arts, corrupt = store.scan(name) if store else ([], [])
+    if name and not arts and not corrupt:
         if store is None:
             raise SpkpruneError(f"no store at {store_dir(ctx)}; train or import a model first, or pass --store DIR")
         store.resolve(name)  # raises, naming what the store holds
+    for err in corrupt:  # one bad row must not hide the others: name it and list the rest
+        typer.echo(f"warning: {err} (left out of this listing)", err=True)
     rows = [artifact_row(a) for a in arts]
     columns = ["ref", "kind", "arch", "parent", "sparsity", "top1", "size", "created"]
     if fmt == "json":  # written directly: pandas' JSON rounds floats to 10 digits
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if fmt == "table":
-        if not rows:
-            stderr.print(f"store {store_dir(ctx)} holds no checkpoints yet (spkprune train / spkprune import)")
+        if not rows and not corrupt:
+            typer.echo(f"store {store_dir(ctx)} holds no checkpoints yet (spkprune train / spkprune import)", err=True)
             return
         rows = [_for_people(r) for r in rows]
     render_frame(pd.DataFrame(rows, columns=columns), fmt, title=f"store {store_dir(ctx)}")
@@ -108,15 +110,22 @@ def show_document(ref: str, store: Store | None) -> dict:
     if art is not None:
         doc.update(kind=art.kind, sha256=art.sha256, size=art.size, created=art.created, parent=art.parent,
                    path=str(art.path))
-        chain, external = store.lineage(art)
-        doc["lineage"] = [artifact_row(a) for a in chain] + ([{"ref": external, "kind": "outside the store"}]
-                                                              if external else [])
+        doc["lineage"] = _lineage_rows(store, art)
     else:
         doc.update(kind="file", parent=ckpt.meta.get("parent"), lineage=[])
     doc["meta"] = ckpt.meta
     doc["metrics"] = ckpt.meta.get("metrics") or {}
     doc["tensors"] = [r for r in tensor_summary(ckpt) if not is_buffer_key(r["key"])]
     return doc
+
+
+def _lineage_rows(store: Store, art: Artifact) -> list[dict]:
+    try:
+        chain, external = store.lineage(art)
+    except CorruptRowError as err:  # show the artifact itself; its lineage ends at the unreadable ancestor
+        typer.echo(f"warning: the lineage of {art.ref} is cut short: {err}", err=True)
+        return [{"ref": err.ref, "kind": "corrupt index row"}]
+    return [artifact_row(a) for a in chain] + ([{"ref": external, "kind": "outside the store"}] if external else [])
 
 
 @app.command("show")
@@ -174,5 +183,5 @@ def rm_command(
     store = open_existing_store(store_dir(ctx))
     if store is None:
         raise SpkpruneError(f"no store at {store_dir(ctx)}; pass --store DIR")
-    art = store.delete(*parse_ref(ref))
-    stderr.print(f"removed {art.ref}")
+    removed = store.delete(*parse_ref(ref))
+    stderr.print(f"removed {removed}")

@@ -1,11 +1,17 @@
-"""Small durable-file helpers: fsync a directory, write bytes fully, parse a safetensors header."""
+"""Small durable-file helpers: fsync a directory, write bytes fully, parse a safetensors header, orphan temp files."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 # A safetensors file: 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
 _HEADER_LEN = struct.Struct("<Q")
@@ -66,3 +72,43 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def tmp_is_orphan(tmp: Path, stale_s: float) -> bool:
+    """True when the temp file's writer is gone: its lock is free and its pid dead, or the file is older than
+    `stale_s` (the pid may have been reused)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer holds it
+        pid_text = tmp.name.split(".", 1)[0]
+        writer_dead = not pid_text.isdigit() or not pid_alive(int(pid_text))
+        # A live pid may be the writer between creating the file and locking it: keep the file unless it is old.
+        return writer_dead or time.time() - os.fstat(fd).st_mtime > stale_s
+    finally:
+        os.close(fd)
+
+
+def serialize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The safetensors bytes of `tensors` (moved to CPU, contiguous, shared memory copied) with string metadata."""
+    import torch
+    from safetensors.torch import save
+
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"store.put expects tensors only; not tensors: {bad[:5]}")
+    plain: dict = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel():
+            value = value.clone()  # safetensors refuses tensors that share memory (tied weights, views)
+        seen.add(value.untyped_storage().data_ptr())
+        plain[key] = value
+    return save(plain, metadata={str(k): str(v) for k, v in (metadata or {}).items()})

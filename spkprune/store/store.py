@@ -20,11 +20,8 @@ import hashlib
 import json
 import os
 import sqlite3
-import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -32,73 +29,19 @@ import torch
 
 from spkprune.errors import SpkpruneError
 from spkprune.store import fs
+from spkprune.store.index import (
+    BUSY_TIMEOUT_S, COLUMNS, INDEX_FILE, Artifact, CorruptRowError, artifact_from_row, check_store_info, init_schema,
+    is_sha256, now, tables,
+)
+from spkprune.store.messages import NEW_DIR_HINT, IndexUnusable, cannot_create, exists_error, short_list, unusable
 from spkprune.store.refs import check_name, check_tag, format_ref, parse_ref
 
-STORE_FORMAT = "spkprune.store"
-STORE_VERSION = 1
-INDEX_FILE = "index.sqlite"
+__all__ = ["Artifact", "BLOB_DIR", "INDEX_FILE", "Store", "TMP_DIR"]
+
 BLOB_DIR = "blobs"
 TMP_DIR = "tmp"
 TMP_SUFFIX = ".part"
-BUSY_TIMEOUT_S = 120.0
 STALE_TMP_S = 3600.0  # a temp file whose writer's pid was reused is removed after this long
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS artifacts (
-    name TEXT NOT NULL,
-    tag TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created TEXT NOT NULL,
-    parent TEXT,
-    meta TEXT NOT NULL,
-    PRIMARY KEY (name, tag)
-);
-CREATE INDEX IF NOT EXISTS artifacts_by_sha ON artifacts (sha256);
-"""
-_COLUMNS = "name, tag, kind, sha256, size, created, parent, meta"
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """One index row: a named, tagged blob in the store."""
-
-    name: str
-    tag: str
-    kind: str
-    path: Path
-    sha256: str
-    size: int
-    created: str
-    parent: str | None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def ref(self) -> str:
-        return format_ref(self.name, self.tag)
-
-
-def _switch_to_wal(con: sqlite3.Connection) -> None:
-    """Put the index in WAL mode, waiting for other processes that are creating the same store.
-
-    The switch needs an exclusive lock, and SQLite answers a busy lock at once here, without the busy handler: two
-    processes creating one store would otherwise see "database is locked" in the same millisecond.
-    """
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            con.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Store:
@@ -114,88 +57,77 @@ class Store:
     # ----------------------------------------------------------------------------------------------- opening
     @classmethod
     def existing(cls, path: str | os.PathLike) -> "Store | None":
-        """The store at `path` for reading, or None when nothing is there yet (reading never creates a store)."""
+        """The store at `path` for reading, or None when nothing is there yet (a missing path or an empty
+        directory): reading never creates a store."""
         root = Path(path).expanduser()
-        if not root.exists():
-            return None
+        try:
+            if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+                return None
+        except OSError as err:
+            raise unusable(root, err) from None
         return cls.open(root, create=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike, create: bool = True) -> "Store":
         """Open the store at `path`; create it there when the path is missing or an empty directory."""
         root = Path(path).expanduser()
+        try:
+            return cls._open(root, create)
+        except OSError as err:  # a directory that cannot be listed or written: /proc/..., another user's, ...
+            raise unusable(root, err) from None
+
+    @classmethod
+    def _open(cls, root: Path, create: bool) -> "Store":
         if root.exists() and not root.is_dir():
             raise SpkpruneError(f"store path {root} is a file, not a store directory; pass --store DIR")
         store = cls(root)
         if not store.index_path.is_file():
             # Re-checked last: a process creating the store at the same moment writes index.sqlite first.
             if root.is_dir() and any(root.iterdir()) and not store.index_path.is_file():
-                raise SpkpruneError(
-                    f"{root} exists and is not a spkprune store (no {INDEX_FILE}); "
-                    "pass --store with a new or empty directory"
-                )
+                raise SpkpruneError(f"{root} exists and is not a spkprune store (no {INDEX_FILE}); {NEW_DIR_HINT}")
             if not create:
                 raise SpkpruneError(f"no store at {root}; train or import a model first, or pass --store DIR")
-            root.mkdir(parents=True, exist_ok=True)
-            store._check_or_init()  # creates index.sqlite before anything else in the directory
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise cannot_create(root, err.strerror or str(err)) from None
+            store._check_or_init(creating=True)  # creates index.sqlite before anything else in the directory
             fs.fsync_dir(root)
             fs.fsync_dir(root.parent)
         else:
-            store._check_or_init()
+            store._check_or_init(creating=False)
         (root / BLOB_DIR).mkdir(exist_ok=True)
         (root / TMP_DIR).mkdir(exist_ok=True)
         store.clean_tmp()
         return store
 
-    def _check_or_init(self) -> None:
+    def _check_or_init(self, creating: bool) -> None:
         try:
             with self._db() as con:
-                tables = self._tables(con)
-                if not tables:
-                    self._init_schema(con)
-                    tables = self._tables(con)
-                if "store_info" not in tables or "artifacts" not in tables:
+                found = tables(con)
+                if not found:
+                    init_schema(con)
+                    found = tables(con)
+                if "store_info" not in found or "artifacts" not in found:
                     raise SpkpruneError(
-                        f"{self.index_path} is an SQLite file but not a spkprune store index; "
-                        "pass --store with a new or empty directory"
+                        f"{self.index_path} is an SQLite file but not a spkprune store index; {NEW_DIR_HINT}"
                     )
                 info = dict(con.execute("SELECT key, value FROM store_info").fetchall())
-        except sqlite3.DatabaseError as err:
+        except IndexUnusable as err:
+            if creating:
+                raise cannot_create(self.root, err.reason) from None
             raise SpkpruneError(
-                f"{self.index_path} is not a spkprune store index ({err}); pass --store with a new or empty directory"
+                f"{self.index_path} is not a spkprune store index ({err.reason}); {NEW_DIR_HINT}"
             ) from None
-        if info.get("format") != STORE_FORMAT:
-            raise SpkpruneError(f"{self.root} is not a spkprune store (its index has format {info.get('format')!r})")
-        if int(info.get("version", "0")) > STORE_VERSION:
-            raise SpkpruneError(
-                f"store {self.root} has version {info['version']}; this spkprune reads version {STORE_VERSION}: "
-                "upgrade spkprune"
-            )
-
-    @staticmethod
-    def _tables(con: sqlite3.Connection) -> set[str]:
-        return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-    @staticmethod
-    def _init_schema(con: sqlite3.Connection) -> None:
-        _switch_to_wal(con)
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                con.execute(statement)
-            con.executemany(
-                "INSERT OR IGNORE INTO store_info (key, value) VALUES (?, ?)",
-                [("format", STORE_FORMAT), ("version", str(STORE_VERSION)), ("created", _now())],
-            )
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+        check_store_info(info, self.root)
 
     # ------------------------------------------------------------------------------------------ connections
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            con = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.DatabaseError as err:
+            raise IndexUnusable(self.index_path, err) from None
         try:
             con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             con.execute("PRAGMA synchronous = FULL")
@@ -205,7 +137,9 @@ class Store:
                 raise SpkpruneError(
                     f"store {self.root} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s; try again"
                 ) from None
-            raise
+            raise IndexUnusable(self.index_path, err) from None
+        except sqlite3.DatabaseError as err:
+            raise IndexUnusable(self.index_path, err) from None
         finally:
             con.close()
 
@@ -226,13 +160,12 @@ class Store:
         return self.root / BLOB_DIR / sha256[:2] / f"{sha256}.safetensors"
 
     def _artifact(self, row: tuple) -> Artifact:
-        name, tag, kind, sha256, size, created, parent, meta = row
-        return Artifact(name, tag, kind, self._blob_path(sha256), sha256, int(size), created, parent, json.loads(meta))
+        return artifact_from_row(row, self.index_path, self._blob_path)
 
     def get(self, name: str, tag: str = "main") -> Artifact | None:
         with self._db() as con:
             row = con.execute(
-                f"SELECT {_COLUMNS} FROM artifacts WHERE name = ? AND tag = ?", (name, tag)
+                f"SELECT {COLUMNS} FROM artifacts WHERE name = ? AND tag = ?", (name, tag)
             ).fetchone()
         return self._artifact(row) if row else None
 
@@ -240,14 +173,27 @@ class Store:
         return self.get(name, tag) is not None
 
     def list(self, name: str | None = None) -> list[Artifact]:
-        """All artifacts (or those of one name), by name then creation time."""
-        query = f"SELECT {_COLUMNS} FROM artifacts"
+        """All artifacts (or those of one name), by name then creation time; CorruptRowError on a bad row."""
+        arts, corrupt = self.scan(name)
+        if corrupt:
+            raise corrupt[0]
+        return arts
+
+    def scan(self, name: str | None = None) -> tuple[list[Artifact], list[CorruptRowError]]:
+        """Like `list`, but a corrupt index row is returned as its error instead of failing the whole listing."""
+        query = f"SELECT {COLUMNS} FROM artifacts"
         args: tuple = ()
         if name is not None:
             query, args = query + " WHERE name = ?", (name,)
         with self._db() as con:
             rows = con.execute(query + " ORDER BY name, created, tag", args).fetchall()
-        return [self._artifact(row) for row in rows]
+        arts, corrupt = [], []
+        for row in rows:
+            try:
+                arts.append(self._artifact(row))
+            except CorruptRowError as err:
+                corrupt.append(err)
+        return arts, corrupt
 
     def names(self) -> list[str]:
         with self._db() as con:
@@ -266,14 +212,14 @@ class Store:
             return art
         tags = self.tags(name)
         if tags:
-            raise SpkpruneError(f"{name!r} has no tag {tag!r} in store {self.root}; its tags: {_short_list(tags)}")
+            raise SpkpruneError(f"{name!r} has no tag {tag!r} in store {self.root}; its tags: {short_list(tags)}")
         names = self.names()
         if not names:
             raise SpkpruneError(f"no artifact named {name!r}: store {self.root} is empty; train or import a model first")
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SpkpruneError(
-            f"no artifact named {name!r} in store {self.root}{hint}; known names: {_short_list(names)}"
+            f"no artifact named {name!r} in store {self.root}{hint}; known names: {short_list(names)}"
         )
 
     def lineage(self, art: Artifact) -> tuple[list[Artifact], str | None]:
@@ -343,10 +289,10 @@ class Store:
             raise ValueError("kind must be a non-empty string")
         meta_json = json.dumps(meta or {}, sort_keys=True)
         if not replace and self.exists(name, tag):
-            raise _exists_error(name, tag)
-        data = _serialize(tensors, metadata)
+            raise exists_error(name, tag)
+        data = fs.serialize_tensors(tensors, metadata)
         sha256 = hashlib.sha256(data).hexdigest()
-        created = _now()
+        created = now()
         old_sha = self._commit_blob(name, tag, data, sha256, replace, (kind, sha256, len(data), created, parent, meta_json))
         if old_sha and old_sha != sha256:
             self._drop_unreferenced([old_sha])
@@ -365,7 +311,7 @@ class Store:
             with self._write() as con:
                 old = con.execute("SELECT sha256 FROM artifacts WHERE name = ? AND tag = ?", (name, tag)).fetchone()
                 if old and not replace:
-                    raise _exists_error(name, tag)
+                    raise exists_error(name, tag)
                 final = self._blob_path(sha256)
                 if not final.parent.is_dir():
                     final.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +319,7 @@ class Store:
                 os.replace(tmp, final)
                 fs.fsync_dir(final.parent)
                 con.execute(
-                    f"INSERT OR REPLACE INTO artifacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (name, tag, *row)
+                    f"INSERT OR REPLACE INTO artifacts ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (name, tag, *row)
                 )
             return old[0] if old else None
         finally:
@@ -393,18 +339,26 @@ class Store:
             metadata = {**metadata, "meta": json.dumps(meta, sort_keys=True)}
         return self.put(art.name, art.tag, tensors, metadata, meta, kind=art.kind, parent=art.parent, replace=True)
 
-    def delete(self, name: str, tag: str = "main") -> Artifact:
-        """Remove NAME@TAG from the index, then its blob if no other tag shares it."""
-        art = self.resolve(format_ref(name, tag))
+    def delete(self, name: str, tag: str = "main") -> str:
+        """Remove NAME@TAG from the index, then its blob if no other tag shares it; returns the removed ref.
+
+        Works on a corrupt row too (its metadata is never parsed), so `spkprune rm` can clear one."""
+        check_name(name)
+        check_tag(tag)
         with self._write() as con:
-            con.execute("DELETE FROM artifacts WHERE name = ? AND tag = ?", (name, tag))
-        self._drop_unreferenced([art.sha256])
-        return art
+            row = con.execute("SELECT sha256 FROM artifacts WHERE name = ? AND tag = ?", (name, tag)).fetchone()
+            if row:
+                con.execute("DELETE FROM artifacts WHERE name = ? AND tag = ?", (name, tag))
+        if row is None:
+            self.resolve(format_ref(name, tag))  # raises, naming what the store holds
+            raise SpkpruneError(f"{format_ref(name, tag)} was created while being removed; try again")
+        self._drop_unreferenced([row[0]])
+        return format_ref(name, tag)
 
     def _drop_unreferenced(self, shas: list[str]) -> None:
         # Under the write lock: a put() renames blobs only while holding it, so "unreferenced" cannot race.
         with self._write() as con:
-            for sha in shas:
+            for sha in filter(is_sha256, shas):  # a corrupt row's sha256 never becomes a path to unlink
                 if not con.execute("SELECT 1 FROM artifacts WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
                     self._blob_path(sha).unlink(missing_ok=True)
 
@@ -423,55 +377,10 @@ class Store:
         """Delete temp files whose writer is gone (its lock is free and its pid is dead, or the file is old)."""
         removed = 0
         for tmp in (self.root / TMP_DIR).glob(f"*{TMP_SUFFIX}"):
-            if _tmp_is_orphan(tmp):
-                tmp.unlink(missing_ok=True)
+            if fs.tmp_is_orphan(tmp, STALE_TMP_S):
+                try:
+                    tmp.unlink(missing_ok=True)
+                except PermissionError:  # a read-only store: leave the clean-up to a writer
+                    continue
                 removed += 1
         return removed
-
-
-def _tmp_is_orphan(tmp: Path) -> bool:
-    try:
-        fd = os.open(tmp, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live writer holds it
-        pid_text = tmp.name.split(".", 1)[0]
-        writer_dead = not pid_text.isdigit() or not fs.pid_alive(int(pid_text))
-        # A live pid may be the writer between creating the file and locking it: keep the file unless it is old.
-        return writer_dead or time.time() - os.fstat(fd).st_mtime > STALE_TMP_S
-    finally:
-        os.close(fd)
-
-
-def _serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
-    from safetensors.torch import save
-
-    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise TypeError(f"store.put expects tensors only; not tensors: {bad[:5]}")
-    plain: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, value in tensors.items():
-        value = value.detach().to("cpu").contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        if ptr in seen and value.numel():
-            value = value.clone()  # safetensors refuses tensors that share memory (tied weights, views)
-        seen.add(value.untyped_storage().data_ptr())
-        plain[key] = value
-    return save(plain, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-
-
-def _exists_error(name: str, tag: str) -> SpkpruneError:
-    return SpkpruneError(
-        f"{format_ref(name, tag)} already exists in the store; choose another --name or tag, "
-        f"or remove it first (spkprune rm {format_ref(name, tag)})"
-    )
-
-
-def _short_list(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown} (+{len(items) - limit} more; see spkprune ls)"
