@@ -161,6 +161,7 @@ def test_init_from_a_checkpoint_keeps_its_weights_and_masks(trained, tmp_path):
     assert store.resolve("from-ticket@init").parent == "ticket@main"
 
 
+@pytest.mark.slow  # torch.compile of the training kernels: ~85 s with a cold inductor cache, ~7 s warm
 def test_compile_runs_the_fused_training_kernels_through_torch_compile(tmp_path, monkeypatch):
     from spkprune.models import lif_kernels
 
