@@ -1,0 +1,226 @@
+"""A corpus of bad inputs, each run through the CLI against a small store.
+
+Every case must exit 2 with exactly one non-empty stderr line starting with `error:`, print no traceback, create
+none of its forbidden files (a payload's marker) and leave every file under the store byte-identical.
+
+To add a case, add one `BadInput` to `CASES`: the arguments after `--store` (with `{tmp}` for the test's temporary
+directory and `{store}` for the store), a regex the error line must match, and optionally a `setup(tmp, store)`
+that writes the bad input first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sqlite3
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spkprune.cli import app
+from spkprune.store import Store
+
+DIGITS = "spikformer-2-64-digits"
+HAS_PROC = Path("/proc/self").is_dir()
+
+
+@dataclass(frozen=True)
+class BadInput:
+    id: str
+    args: tuple[str, ...]  # after `--store STORE`; {tmp} and {store} are filled in
+    error: str  # regex searched in the one error line
+    setup: Callable[[Path, Path], None] | None = None  # setup(tmp, store) writes the bad input
+    store: str = "{store}"  # the --store value
+    must_not_exist: tuple[str, ...] = ()  # e.g. the marker file a payload would create
+    needs_proc: bool = False
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+class _Call:
+    """Pickles as `func(*args)`: what a crafted file runs under a plain pickle.load."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _cifar_files(tmp: Path, name: str) -> list[Path]:
+    if name == "cifar10":
+        folder, files = tmp / "data" / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    else:
+        folder, files = tmp / "data" / "cifar-100-python", ["train", "test"]
+    folder.mkdir(parents=True, exist_ok=True)
+    return [folder / f for f in files]
+
+
+def _cifar_payload(name: str, payload: str) -> Callable[[Path, Path], None]:
+    """Every batch file of `name` carries a payload that would create {tmp}/pwned under pickle.load."""
+
+    def setup(tmp: Path, store: Path) -> None:
+        import builtins
+
+        marker = tmp / "pwned"
+        call = {
+            "os.system": _Call(os.system, f"touch {marker}"),
+            "builtins.eval": _Call(builtins.eval, f"open({str(marker)!r}, 'w')"),
+            "subprocess.call": _Call(subprocess.call, ["touch", str(marker)]),
+        }[payload]
+        for path in _cifar_files(tmp, name):
+            entry = {b"data": np.zeros((1, 3072), dtype=np.uint8), b"labels": [0], b"batch_label": call}
+            path.write_bytes(pickle.dumps(entry, protocol=2))
+
+    return setup
+
+
+def _cifar_garbage(kind: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, store: Path) -> None:
+        real = pickle.dumps({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}, protocol=2)
+        content = {"random": np.random.default_rng(0).bytes(4096), "truncated": real[: len(real) // 2]}[kind]
+        for path in _cifar_files(tmp, "cifar10"):
+            path.write_bytes(content)
+
+    return setup
+
+
+def _index_sql(sql: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, store: Path) -> None:
+        con = sqlite3.connect(store / "index.sqlite")
+        con.execute(sql)
+        con.commit()
+        con.close()
+
+    return setup
+
+
+def _damage_index(tmp: Path, store: Path) -> None:
+    index = store / "index.sqlite"
+    data = bytearray(index.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the schema page
+    index.write_bytes(bytes(data))
+
+
+def _weights_file(tmp: Path, store: Path) -> None:
+    from safetensors.torch import save_file
+
+    from spkprune.models import create_model
+
+    save_file({k: v.contiguous() for k, v in create_model(DIGITS).state_dict().items()}, tmp / "w.safetensors")
+
+
+def _project_dir(tmp: Path, store: Path) -> None:
+    (tmp / "project").mkdir()
+    (tmp / "project" / "README").write_text("mine")
+    _weights_file(tmp, store)
+
+
+_FLOPS = ("flops", "report", "spikformer-4-384-cifar10", "--dataset", "cifar10", "--data-dir", "{tmp}/data")
+_NOT_A_BATCH = r"is not a CIFAR python batch file"
+_REFUSED = _NOT_A_BATCH + r": it pickles {}, which the data set never holds \(refused without running it\); re-download"
+_IMPORT = ("import", "{tmp}/w.safetensors", "--arch", DIGITS, "--name", "imported")
+
+CASES = [
+    # A crafted CIFAR batch file: refused before anything it names runs (spkprune/data/safe_pickle.py).
+    BadInput("cifar10-payload-os-system-flops", _FLOPS, "test_batch " + _REFUSED.format(r"posix\.system"),
+             _cifar_payload("cifar10", "os.system"), must_not_exist=("{tmp}/pwned",)),
+    # Protocol 2 writes Python 2 names: builtins.eval as __builtin__.eval, subprocess.call as commands.call.
+    BadInput("cifar10-payload-eval-flops", _FLOPS, _REFUSED.format(r"__builtin__\.eval"),
+             _cifar_payload("cifar10", "builtins.eval"), must_not_exist=("{tmp}/pwned",)),
+    BadInput("cifar100-payload-subprocess-flops",
+             ("flops", "report", "spikformer-4-384-cifar100", "--dataset", "cifar100", "--data-dir", "{tmp}/data"),
+             "cifar-100-python/test " + _REFUSED.format(r"commands\.call"),
+             _cifar_payload("cifar100", "subprocess.call"), must_not_exist=("{tmp}/pwned",)),
+    BadInput("cifar10-payload-os-system-train",
+             ("train", "--dataset", "cifar10", "--data-dir", "{tmp}/data", "--name", "run", "--epochs", "1"),
+             _REFUSED.format(r"posix\.system"), _cifar_payload("cifar10", "os.system"),
+             must_not_exist=("{tmp}/pwned",)),
+    BadInput("cifar10-random-bytes", _FLOPS, _NOT_A_BATCH + r" \(UnpicklingError: .*\); re-download https://",
+             _cifar_garbage("random")),
+    BadInput("cifar10-truncated", _FLOPS, _NOT_A_BATCH + r" \(.*\); re-download https://", _cifar_garbage("truncated")),
+    # A damaged store: its index (spkprune/store/index.py).
+    BadInput("store-version-not-a-number", ("ls",), r"has an unreadable format version 'one' in index.sqlite",
+             _index_sql("UPDATE store_info SET value = 'one' WHERE key = 'version'")),
+    BadInput("store-version-not-a-number-show", ("show", "net"), r"unreadable format version ''",
+             _index_sql("UPDATE store_info SET value = '' WHERE key = 'version'")),
+    BadInput("store-corrupt-meta-show", ("show", "net"),
+             r"artifact net@main has a corrupt index row in .*: its metadata is not JSON .*\(spkprune rm net@main\)",
+             _index_sql("UPDATE artifacts SET meta = '{\"arch\": ' WHERE name = 'net'")),
+    BadInput("store-meta-not-an-object-show", ("show", "net@main"), r"its metadata is a JSON list, not an object",
+             _index_sql("UPDATE artifacts SET meta = '[1]' WHERE name = 'net'")),
+    BadInput("store-damaged-index", ("ls",), r"index.sqlite is not a spkprune store index \(", _damage_index),
+    # --store pointing somewhere that is not a store (spkprune/store/store.py: Store.open / Store.existing).
+    BadInput("store-is-proc-ls", ("ls",), r"^error: /proc exists and is not a spkprune store", store="/proc",
+             needs_proc=True),
+    BadInput("store-is-proc-show", ("show", "net"), r"/proc exists and is not a spkprune store", store="/proc",
+             needs_proc=True),
+    BadInput("store-under-proc-import", _IMPORT, r"cannot create a spkprune store at /proc/spkprune-test-store \(",
+             _weights_file, store="/proc/spkprune-test-store", needs_proc=True),
+    BadInput("store-is-a-file", ("ls",), r"store path .*index.sqlite is a file, not a store directory",
+             store="{store}/index.sqlite"),
+    BadInput("store-is-someone-elses-directory-import", _IMPORT, r"project exists and is not a spkprune store",
+             _project_dir, store="{tmp}/project"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ the check
+def make_store(root: Path) -> Path:
+    store = Store.open(root)
+    meta = {"arch": DIGITS, "metrics": {"top1": 0.5}}
+    store.put("net", "main", {"w": torch.arange(6, dtype=torch.float32)}, {"format": "x"}, meta)
+    store.put("net", "init", {"w": torch.zeros(6)}, {}, {"arch": DIGITS}, parent=None)
+    return root
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """Every file and folder under `root`, files with the sha256 of their bytes."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def run_cli(*args: str):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout unless told not to
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 keeps result.stderr apart
+    return runner.invoke(app, list(args))
+
+
+def assert_one_error_line(result, pattern: str) -> None:
+    shown = (result.exit_code, result.stdout, result.stderr, repr(result.exception))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), shown
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].strip() != "error:", shown
+    assert "Traceback" not in result.output + result.stderr + result.stdout, shown
+    assert __import__("re").search(pattern, lines[0]), (pattern, lines[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_one_error_line_and_changes_nothing(case: BadInput, tmp_path: Path, one_thread):
+    if case.needs_proc and not HAS_PROC:
+        pytest.skip("needs Linux /proc")
+    store = make_store(tmp_path / "store")
+    if case.setup:
+        case.setup(tmp_path, store)
+    fill = {"tmp": str(tmp_path), "store": str(store)}
+    before = file_hashes(store)
+
+    result = run_cli("--store", case.store.format(**fill), *(arg.format(**fill) for arg in case.args))
+
+    assert_one_error_line(result, case.error)
+    assert file_hashes(store) == before
+    for path in case.must_not_exist:
+        assert not Path(path.format(**fill)).exists(), f"{path} was created: the payload ran"
+
+
+def test_case_ids_are_unique():
+    assert len({case.id for case in CASES}) == len(CASES)
