@@ -451,7 +451,8 @@ def test_export_removes_temp_folders_that_killed_exports_left(tmp_path, store):
         (path / "model.safetensors").write_bytes(b"partial")
     os.utime(stale[2], (past, past))
 
-    result = CliRunner().invoke(app, ["--store", str(store.root), "export", "t@round-1", "--out", str(tmp_path / "out")])
+    args = ["--store", str(store.root), "export", "t@round-1", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert [p for p in stale if p.exists()] == []
     assert all(p.is_dir() for p in running)  # a live process's export and another output's are left alone

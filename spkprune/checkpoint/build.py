@@ -61,13 +61,8 @@ def prunable_keys(meta: dict) -> list[str] | None:
 
 def state_dict_keys(meta: dict) -> list[str] | None:
     """The state_dict keys of `meta`'s model in the model's own order (selectors included); None if unknown."""
-    skeleton = _skeleton(meta)
-    if skeleton is None:
-        return None
-    if meta.get("selector"):
-        with torch.device("meta"):
-            attach_selectors(skeleton, meta["selector"])
-    return list(skeleton.state_dict())
+    skeleton = _skeleton(meta, with_selector=True)
+    return None if skeleton is None else list(skeleton.state_dict())
 
 
 def in_model_order(ckpt: Checkpoint) -> Checkpoint:
@@ -85,11 +80,15 @@ def in_model_order(ckpt: Checkpoint) -> Checkpoint:
     return Checkpoint({k: ckpt.state_dict[k] for k in keys}, masks, ckpt.meta, ckpt.ref)
 
 
-def _skeleton(meta: dict) -> nn.Module | None:
+def _skeleton(meta: dict, with_selector: bool = False) -> nn.Module | None:
+    """A weightless model of `meta` on the meta device; None when `meta` names no buildable model."""
     if not meta.get("arch"):
         return None
     try:
         with torch.device("meta"):
-            return _model_for(meta["arch"], meta.get("config"))
+            model = _model_for(meta["arch"], meta.get("config"))
+            if with_selector and meta.get("selector"):
+                attach_selectors(model, meta["selector"])
     except SpkpruneError:
         return None
+    return model

@@ -16,7 +16,6 @@ import torch
 from spkprune.checkpoint.core import Checkpoint
 from spkprune.checkpoint.formats import (  # noqa: F401  (re-exported: the public names of the formats)
     BITORDER,
-    CARD_FILE,
     CONFIG_FILE,
     DENSE_FILE,
     DENSE_FORMAT,

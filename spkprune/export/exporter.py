@@ -141,7 +141,9 @@ def _new_temp(out: Path, kind: str) -> Path:
     try:
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
     except OSError as err:
-        raise SpkpruneError(f"cannot write in {out.parent} for --out {out} ({err.strerror}); choose another folder") from None
+        raise SpkpruneError(
+            f"cannot write in {out.parent} for --out {out} ({err.strerror}); choose another folder"
+        ) from None
 
 
 def _temp_pattern(out: Path) -> re.Pattern:
