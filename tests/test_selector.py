@@ -378,10 +378,10 @@ def test_selector_learning_rate_factor_follows_the_initialisation():
     assert SelectionConfig(scorer="learned", init="random").lr_scales() == {"token_selectors.": 1.0}
     assert SelectionConfig(scorer="learned", selector_lr_scale=3.0).lr_scales() == {"token_selectors.": 3.0}
     assert SelectionConfig(scorer="firing-rate").lr_scales() is None
-    with pytest.raises(SpkpruneError, match="unknown --init 'zeros'"):
-        SelectionConfig(scorer="learned", init="zeros").validate()
-    with pytest.raises(SpkpruneError, match="--selector-lr-scale must be > 0"):
-        SelectionConfig(scorer="learned", selector_lr_scale=0.0).validate()
+    with pytest.raises(SpkpruneError, match="init: must be 'firing-rate' or 'random' \\(got 'zeros'\\)"):
+        SelectionConfig(scorer="learned", init="zeros")
+    with pytest.raises(SpkpruneError, match="selector_lr_scale: must be > 0"):
+        SelectionConfig(scorer="learned", selector_lr_scale=0.0)
 
 
 def test_training_free_scorers_evaluate_without_fine_tuning():
