@@ -1,4 +1,5 @@
-"""A corpus of bad inputs, each run through the CLI against a small store.
+"""A corpus of bad inputs, each run through the CLI against a small store; then the store's own checks of a
+damaged index or an unusable directory, through the library.
 
 Every case must exit 2 with exactly one non-empty stderr line starting with `error:`, print no traceback, create
 none of its forbidden files (a payload's marker) and leave every file under the store byte-identical.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import sqlite3
 import subprocess
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ import torch
 from typer.testing import CliRunner
 
 from spkprune.cli import app
-from spkprune.store import Store
+from spkprune.errors import SpkpruneError
+from spkprune.store import CorruptRowError, Store
+from spkprune.store.store import BLOB_DIR
 
 DIGITS = "spikformer-2-64-digits"
 HAS_PROC = Path("/proc/self").is_dir()
@@ -201,7 +205,7 @@ def assert_one_error_line(result, pattern: str) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].strip() != "error:", shown
     assert "Traceback" not in result.output + result.stderr + result.stdout, shown
-    assert __import__("re").search(pattern, lines[0]), (pattern, lines[0])
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -224,3 +228,122 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case: BadInput, tmp_pat
 
 def test_case_ids_are_unique():
     assert len({case.id for case in CASES}) == len(CASES)
+
+
+# ----------------------------------------------------------------------------- the store through the library
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "store")
+
+
+@pytest.mark.parametrize("version", ["one", "", "1.0", "-1", "1; DROP TABLE artifacts"])
+def test_a_non_numeric_store_version_is_one_line(store: Store, version: str):
+    set_index(store, "UPDATE store_info SET value = ? WHERE key = 'version'", (version,))
+    for open_store in (Store.open, Store.existing, lambda root: Store.open(root, create=False)):
+        with pytest.raises(SpkpruneError, match=r"unreadable format version .*\(expected a whole number") as err:
+            open_store(store.root)
+        assert "\n" not in str(err.value) and err.value.__cause__ is None
+
+
+def set_index(store: Store, sql: str, args: tuple = ()) -> None:
+    con = sqlite3.connect(store.index_path)
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+
+
+CORRUPT_ROWS = {  # column -> value, and what the error says about it
+    "meta": ("{not json", r"its metadata is not JSON \(Expecting property name"),
+    "meta ": ("[1, 2]", r"its metadata is a JSON list, not an object"),
+    "size": ("many", r"size 'many' is not a byte count"),
+    "sha256": ("../../../../outside", r"sha256 '../../../../outside' is not 64 hex digits"),
+}
+
+
+@pytest.mark.parametrize("column", list(CORRUPT_ROWS))
+def test_a_corrupt_index_row_is_named_and_the_others_still_list(store: Store, column: str):
+    for name in ("a", "b", "c"):
+        store.put(name, "main", {"w": torch.full((2,), float(ord(name)))}, {}, {"n": name})
+    value, problem = CORRUPT_ROWS[column]
+    set_index(store, f"UPDATE artifacts SET {column.strip()} = ? WHERE name = 'b'", (value,))
+
+    arts, corrupt = store.scan()
+    assert [a.ref for a in arts] == ["a@main", "c@main"] and [e.ref for e in corrupt] == ["b@main"]
+    message = str(corrupt[0])
+    assert re.search(r"artifact b@main has a corrupt index row in .*index.sqlite: " + problem, message), message
+    assert message.endswith("delete the tag (spkprune rm b@main) and re-create it") and "\n" not in message
+    for strict in (store.list, lambda: store.resolve("b"), lambda: store.get("b", "main")):
+        with pytest.raises(CorruptRowError, match="b@main has a corrupt index row"):
+            strict()
+    assert store.resolve("c").meta == {"n": "c"} and store.list("a")[0].ref == "a@main"
+
+    assert store.delete("b", "main") == "b@main"  # the advice works: rm never parses the bad row
+    assert [a.ref for a in store.list()] == ["a@main", "c@main"]
+
+
+def test_a_crafted_sha256_never_makes_rm_delete_outside_the_store(store: Store, tmp_path: Path):
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"someone else's file")
+    store.put("a", "main", {"w": torch.ones(2)})
+    # blobs/<sha[:2]>/<sha>.safetensors with sha = "../../victim" would resolve to tmp_path/victim.safetensors
+    crafted = os.path.relpath(tmp_path / "victim", store.root / BLOB_DIR / "..")
+    assert (store.root / BLOB_DIR / crafted[:2] / f"{crafted}.safetensors").resolve() == victim.resolve()
+    set_index(store, "UPDATE artifacts SET sha256 = ? WHERE name = 'a'", (crafted,))
+    store.delete("a", "main")
+    store.gc()
+    assert victim.read_bytes() == b"someone else's file" and store.scan() == ([], [])
+
+
+def test_existing_is_none_for_a_missing_path_or_an_empty_directory(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    assert Store.existing(tmp_path / "missing") is None and Store.existing(tmp_path / "empty") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_directory_that_cannot_be_listed_is_not_a_store(tmp_path: Path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "x").write_text("x")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # what chmod 000 does for a non-root user
+    for open_store in (Store.existing, Store.open):
+        with pytest.raises(SpkpruneError, match=r"locked is not a spkprune store this process can use: Permission "
+                                                r"denied; pass --store with a new or empty directory you can write"):
+            open_store(locked)
+
+
+def test_a_store_that_cannot_be_created_is_one_line(tmp_path: Path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpkpruneError, match=r"cannot create a spkprune store at .*file/store \(Not a directory\)"):
+        Store.open(tmp_path / "file" / "store")
+
+    def unwritable(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sqlite3, "connect", unwritable)  # an empty directory SQLite cannot write in
+    with pytest.raises(SpkpruneError, match=r"cannot create a spkprune store at .*empty \(unable to open database "
+                                            r"file\); pass --store with a new or empty directory you can write"):
+        Store.open(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_proc_is_never_taken_for_an_empty_store():
+    for open_store in (Store.existing, Store.open):
+        with pytest.raises(SpkpruneError, match=r"^/proc exists and is not a spkprune store"):
+            open_store("/proc")
+    with pytest.raises(SpkpruneError, match=r"^cannot create a spkprune store at /proc/spkprune-store-\d+ \("):
+        Store.open(f"/proc/spkprune-store-{os.getpid()}")
+
+
+def test_a_damaged_index_is_one_line_on_every_read(store: Store):
+    store.put("a", "main", {"w": torch.ones(2)})
+    _damage_index(store.root.parent, store.root)
+    with pytest.raises(SpkpruneError, match=r"index.sqlite is not a spkprune store index \(") as err:
+        Store.open(store.root)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SpkpruneError, match=r"the store index .*index.sqlite cannot be used \("):
+        store.list()
