@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pandas as pd
 import typer
 
 from spkprune.checkpoint import Checkpoint, load_artifact, load_checkpoint, tensor_summary, is_buffer_key
-from spkprune.cli.app import app, store_dir
+from spkprune.cli.app import app, readable_store, store_dir
 from spkprune.cli.render import check_format, render_frame, stderr, stdout
 from spkprune.errors import SpkpruneError
 from spkprune.store import Artifact, CorruptRowError, Store, is_store_ref, parse_ref
 
 FORMAT_HELP = "Output: table (for people), json, csv or md (for scripts)."
-
-
-def open_existing_store(path: Path) -> Store | None:
-    """The store at `path`, or None when nothing exists there yet (reading never creates a store)."""
-    return Store.existing(path)
 
 
 def human_size(size: int) -> str:
@@ -75,7 +69,7 @@ def ls_command(
 ) -> None:
     """List the checkpoints in the store: reference, kind, preset, parent, sparsity, top-1, size, creation time."""
     check_format(fmt)
-    store = open_existing_store(store_dir(ctx))
+    store = readable_store(ctx)
     arts, corrupt = store.scan(name) if store else ([], [])
     if name and not arts and not corrupt:
         if store is None:
@@ -136,7 +130,7 @@ def show_command(
 ) -> None:
     """Show one checkpoint: all metadata, its lineage back to the root, metrics and per-tensor sparsity."""
     check_format(fmt)
-    doc = show_document(ref, open_existing_store(store_dir(ctx)))
+    doc = show_document(ref, readable_store(ctx))
     tensors = pd.DataFrame(doc["tensors"], columns=["key", "shape", "dtype", "numel", "zeros", "pruned", "sparsity"])
     if fmt == "json":
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
@@ -180,7 +174,7 @@ def rm_command(
     ref: str = typer.Argument(..., help="NAME@TAG to remove (a bare NAME means NAME@main)."),
 ) -> None:
     """Remove one tag from the store (its file goes too unless another tag shares the same weights)."""
-    store = open_existing_store(store_dir(ctx))
+    store = readable_store(ctx)
     if store is None:
         raise SpkpruneError(f"no store at {store_dir(ctx)}; pass --store DIR")
     removed = store.delete(*parse_ref(ref))
