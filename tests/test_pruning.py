@@ -84,12 +84,15 @@ def test_random_masks_keep_per_tensor_counts_and_differ_from_magnitude():
     assert M.mask_checksum(M.random_masks_like(masks, seed=7)) == M.mask_checksum(rand)
 
 
-def test_checksum_depends_on_bits_keys_and_shapes():
+def test_checksum_depends_on_bits_and_keys_and_is_the_export_checksum():
+    from spkprune.checkpoint import mask_sha256
+
     a = {"x": torch.tensor([True, False, True, True])}
     assert M.mask_checksum(a) == M.mask_checksum({"x": a["x"].clone()})
     assert M.mask_checksum(a) != M.mask_checksum({"x": torch.tensor([True, True, False, True])})
     assert M.mask_checksum(a) != M.mask_checksum({"y": a["x"]})
-    assert M.mask_checksum(a) != M.mask_checksum({"x": a["x"].view(2, 2)})
+    # one definition: the bytes exported files record (shapes are checked beside it, by mask_mismatch)
+    assert M.mask_checksum(a) == mask_sha256(a) == M.mask_checksum({"x": a["x"].view(2, 2)})
 
 
 def test_eligible_keys_excludes_by_glob_and_rejects_patterns_matching_nothing():

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from spkprune.recipes.messages import RecipeError, did_you_mean, kind_of
-from spkprune.recipes.resolve import Recipe, resolve_recipe
+from spkprune.recipes.recipe import Recipe
+from spkprune.recipes.resolve import resolve_recipe
 from spkprune.recipes.schema import SECTION_KEYS, TOP_LEVEL
 
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")  # no dots: stage names are parts of key paths

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spkprune.models import list_models
 from spkprune.recipes.messages import RecipeError
-from spkprune.recipes.resolve import Recipe, Stage
+from spkprune.recipes.recipe import Recipe, Stage
 from spkprune.store import Store, is_store_ref, parse_ref
 
 DATA_FREE = ("digits",)  # data sets that ship with spkprune's dependencies

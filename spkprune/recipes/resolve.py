@@ -8,12 +8,11 @@ expected, before anything runs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spkprune.errors import SpkpruneError
-from spkprune.recipes.identity import identity_options, stage_hash
+from spkprune.recipes.recipe import Recipe, Stage, StageInput, stage_hash
 from spkprune.recipes.messages import RecipeError, did_you_mean, kind_of, text_of
 from spkprune.recipes.schema import (
     DATA_KEYS,
@@ -30,59 +29,6 @@ from spkprune.store.refs import DEFAULT_TAG
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _INTERP_RE = re.compile(r"\$\{([^}]*)\}")
 _STAGE_FIELDS = ("ref", "name", "out", "hash")
-
-
-@dataclass(frozen=True)
-class StageInput:
-    """A reference option's target: an earlier stage's output (with an optional tag) or an external reference."""
-
-    stage: str | None = None
-    tag: str | None = None
-    external: str | None = None
-
-
-@dataclass
-class Stage:
-    name: str
-    type: StageType
-    options: dict[str, Any]  # typed, defaults and inherited values filled in; ref options as concrete refs
-    settings: Settings | None = None  # the options validated by the stage type's settings (defaults included)
-    inputs: dict[str, StageInput] = field(default_factory=dict)
-    deps: list[str] = field(default_factory=list)  # earlier stages this one depends on, in recipe order
-    hash: str = ""
-    output_ref: str | None = None  # what `from: <this stage>` resolves to
-    artifact: str | None = None  # the store name it writes (checkpoint / rounds stages)
-
-    def identity(self) -> dict:
-        """The JSON document hashed into this stage's identity."""
-        return {"type": self.type.name, "options": identity_options(self)}
-
-
-@dataclass
-class Recipe:
-    path: Path | None
-    name: str
-    model: str | None
-    dataset: str | None
-    data_dir: str | None
-    seed: int
-    store: str | None
-    description: str | None
-    vars: dict[str, Any]
-    stages: list[Stage]
-    resolved: dict  # the recipe after overrides and interpolation: stored with every artifact it makes
-    overrides: list[str] = field(default_factory=list)
-
-    def stage(self, name: str) -> Stage:
-        return next(s for s in self.stages if s.name == name)
-
-    def downstream(self, name: str) -> list[str]:
-        """Stages that depend on `name`, directly or not."""
-        found: list[str] = []
-        for stage in self.stages:
-            if any(dep == name or dep in found for dep in stage.deps):
-                found.append(stage.name)
-        return found
 
 
 # ------------------------------------------------------------------------------------------- the resolver

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from spkprune.errors import SpkpruneError
 from spkprune.recipes.preflight import preflight
 from spkprune.recipes.record import RunRecord, run_lock
-from spkprune.recipes.resolve import Recipe, Stage
+from spkprune.recipes.recipe import Recipe, Stage
 from spkprune.store import Artifact, Store, parse_ref
 
 Log = Callable[[str], None]
