@@ -15,7 +15,7 @@ and recipes:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, TypeVar
+from typing import Annotated, Any, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,12 @@ from spkprune.errors import SpkpruneError
 
 S = TypeVar("S", bound="Settings")
 _MISSING: Any = ...
+
+# Bounded number types that settings across the packages share.
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 def option(

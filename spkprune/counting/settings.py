@@ -6,8 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BeforeValidator
 
-from spkprune.settings import Settings, option, split_list
-from spkprune.training.config import BatchSize, NonNegativeFloat
+from spkprune.settings import NonNegativeFloat, PositiveInt, Settings, option, split_list
 
 KEEP_HELP = ("Keep ratio rho (cumulative rho, rho^2, rho^3 of the tokens at the selector locations) or one "
              "cumulative ratio per location: 0.7 or 0.9,0.7,0.5.")
@@ -36,8 +35,8 @@ class FlopsSettings(Settings):
     keep: Optional[KeepRatio] = option(None, "What-if token keep ratio for a model without selectors. " + KEEP_HELP)
     dataset: Optional[str] = option(None, "Measure firing rates, SOPs and energy on this data set.")
     data_dir: Optional[str] = option(None, "Root of the data set (not needed for digits).")
-    batches: BatchSize = option(4, "Test batches to measure on.")
-    batch_size: BatchSize = option(32, "Images per batch.")
+    batches: PositiveInt = option(4, "Test batches to measure on.")
+    batch_size: PositiveInt = option(32, "Images per batch.")
     e_mac: NonNegativeFloat = option(4.6, "Energy per MAC in pJ (45 nm fp32).")
     e_ac: NonNegativeFloat = option(0.9, "Energy per accumulate in pJ (45 nm fp32).")
     by: Literal["layer", "block"] = option("layer", "Rows per layer or per block.", recipe=None)

@@ -11,8 +11,8 @@ from pydantic import BeforeValidator, Field
 from spkprune.counting.settings import KEEP_HELP, KeepRatio
 from spkprune.models.selector import SCORERS
 from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT
-from spkprune.settings import Settings, option, split_list
-from spkprune.training.config import BatchSize, LearningRate, NonNegativeFloat, NonNegativeInt
+from spkprune.settings import NonNegativeFloat, NonNegativeInt, Settings, option, split_list
+from spkprune.training.config import BatchSize, LearningRate
 
 INITS = ("firing-rate", "random")
 # Learning-rate factor of a learned selector's MLP: a warm-started MLP already ranks tokens well and the

@@ -9,15 +9,13 @@ from typing import Annotated, Optional
 from pydantic import Field, TypeAdapter, ValidationError
 
 from spkprune.errors import SpkpruneError
-from spkprune.settings import describe_error
+from spkprune.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, describe_error
 
-# Constrained types shared by the full configuration and the commands' settings (declared once).
-Epochs = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-BatchSize = Annotated[int, Field(ge=1)]
-LearningRate = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-TimeSteps = Annotated[int, Field(ge=1)]
+# The bounds of the training quantities, shared by the full configuration and the commands' settings.
+Epochs = PositiveInt
+BatchSize = PositiveInt
+LearningRate = PositiveFloat
+TimeSteps = PositiveInt
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 

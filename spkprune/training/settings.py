@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 from pydantic import BeforeValidator
 
-from spkprune.settings import Settings, option, split_list
-from spkprune.training.config import BatchSize, Epochs, LearningRate, NonNegativeInt, TimeSteps
+from spkprune.settings import NonNegativeInt, Settings, option, split_list
+from spkprune.training.config import BatchSize, Epochs, LearningRate, TimeSteps
 
 DATASETS = "digits (embedded), cifar10, cifar100, cifar10-dvs, dvs128-gesture or imagenet"
 Steps = Annotated[tuple[Epochs, ...], BeforeValidator(split_list)]
