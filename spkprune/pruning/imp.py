@@ -24,11 +24,10 @@ from torch import nn
 from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
-from spkprune.pruning.masks import Masks
-from spkprune.pruning.lottery import CONTROLS, Log, Lottery
+from spkprune.pruning.lottery import Log, Lottery
 from spkprune.pruning.report import ImpReport, RoundRow, describe, plot_imp
 from spkprune.pruning.rewind import load_source
-from spkprune.pruning.settings import ImpSettings
+from spkprune.pruning.settings import CONTROLS, ImpSettings
 from spkprune.pruning.sharing import share_masks
 from spkprune.store import Store, format_ref, parse_ref
 from spkprune.training import TrainConfig, TrainHooks, distributed, evaluate, fit
@@ -96,7 +95,7 @@ def _round_zero(lottery: Lottery) -> None:
     lottery.save_round_zero(model, _test_metrics(model, src.train))
 
 
-def _train(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: Masks) -> tuple[dict, TrainConfig]:
+def _train(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: M.Masks) -> tuple[dict, TrainConfig]:
     """Retrain round k under its masks, from the round's last saved epoch if any; (test metrics, configuration)."""
     cfg = lottery.round_config(k)
     states = lottery.states(kind, k)

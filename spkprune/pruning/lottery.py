@@ -23,13 +23,11 @@ from spkprune.pruning import masks as M
 from spkprune.pruning.report import RoundRow
 from spkprune.pruning.rewind import Source, resolve_rewind
 from spkprune.pruning.round_states import RoundStates
-from spkprune.pruning.settings import ImpSettings
+from spkprune.pruning.settings import CONTROLS, ImpSettings
 from spkprune.pruning.sharing import share_masks
 from spkprune.store import Store, format_ref
 from spkprune.training import TrainConfig, distributed
 from spkprune.training.state import weights_of
-
-CONTROLS = ("none", "random-reinit", "random-prune")
 
 Log = Callable[[str], None]
 
@@ -42,7 +40,8 @@ class Lottery:
         self.progress, self.log = progress, log
         self.seed = settings.seed if settings.seed is not None else src.train.seed
         self.levels = settings.levels()
-        self.identity = {**settings.to_dict(), "seed": self.seed, "source": src.art.ref, "source_sha256": src.art.sha256}
+        source = {"source": src.art.ref, "source_sha256": src.art.sha256}
+        self.identity = {**settings.to_dict(), "seed": self.seed, **source}
         self.rewind = resolve_rewind(store, src, settings.rewind)
 
     # ---- naming ----------------------------------------------------------------------------------------------
@@ -78,7 +77,8 @@ class Lottery:
 
     def states(self, kind: str, k: int) -> RoundStates:
         """The per-epoch training states of round k of `kind` while it trains."""
-        return RoundStates(self.store, self.name, self.tag(kind, k), {"settings": self.identity, "kind": kind, "round": k})
+        meta = {"settings": self.identity, "kind": kind, "round": k}
+        return RoundStates(self.store, self.name, self.tag(kind, k), meta)
 
     # ---- identity -------------------------------------------------------------------------------------------
     def check_name_free_or_same(self) -> None:

@@ -50,7 +50,9 @@ class RoundStates:
             return None
         saved = load_train_state(self.store, states[-1])
         if M.mask_checksum(saved.masks) != M.mask_checksum(masks):
-            raise SpkpruneError(f"{states[-1].ref} was saved with other masks than this run computes; remove it and re-run")
+            raise SpkpruneError(
+                f"{states[-1].ref} was saved with other masks than this run computes; remove it and re-run"
+            )
         return saved
 
     def drop(self) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
 from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
+from spkprune.models import create_model
 from spkprune.models.selector import tokens_per_block
 from spkprune.store import Artifact, Store, check_name
 from spkprune.training import distributed
@@ -100,8 +101,6 @@ class _RunWriter:
 
 def _initial_model(store, arch, init, overrides) -> tuple[nn.Module, dict, str | None]:
     """(model, masks, parent) for a fresh run: preset `arch`, or the weights (and masks) of checkpoint `init`."""
-    from spkprune.models import create_model
-
     if init is None:
         if arch is None:
             raise SpkpruneError("give --arch PRESET (or --init REF to start from a checkpoint)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +20,7 @@ from torch import nn
 
 from spkprune.checkpoint import MASK_PREFIX
 from spkprune.errors import SpkpruneError
-
-if TYPE_CHECKING:
-    from spkprune.store import Artifact, Store
+from spkprune.store import Artifact, Store
 
 STATE_FORMAT = "spkprune.train-state/2"
 STATE_KIND = "train-state"
@@ -35,7 +33,8 @@ RNG_PREFIX = "__rng__."
 _INFO_FORMAT_V1 = "spkprune.train-state/1"
 _RUNNER_FORMAT_V1 = "spkprune.train-state"
 _IMP_FORMAT_V1 = "spkprune.imp-state"
-STATE_KINDS = (STATE_KIND, "imp-state")
+_IMP_KIND_V1 = "imp-state"
+STATE_KINDS = (STATE_KIND, _IMP_KIND_V1)
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -123,7 +122,7 @@ class SavedState:
 
 
 def save_train_state(
-    store: "Store",
+    store: Store,
     name: str,
     tag: str,
     *,
@@ -132,7 +131,7 @@ def save_train_state(
     resume: tuple[dict[str, torch.Tensor], dict],
     meta: dict,
     parent: str | None,
-) -> "Artifact":
+) -> Artifact:
     """Write NAME@TAG (replacing it): `weights`, `masks` and `resume` (a `TrainState.state_tensors()` pair)."""
     tensors, info = resume
     blob = {**weights, **{MASK_PREFIX + key: mask for key, mask in masks.items()}, **tensors}
@@ -140,7 +139,7 @@ def save_train_state(
     return store.put(name, tag, blob, header, meta, kind=STATE_KIND, parent=parent, replace=True)
 
 
-def load_train_state(store: "Store", art: "Artifact") -> SavedState:
+def load_train_state(store: Store, art: Artifact) -> SavedState:
     """Read a training state written by `save_train_state` or by an earlier version of spkprune."""
     tensors, header = store.read(art)
     fmt = header.get("format")
