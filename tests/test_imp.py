@@ -228,16 +228,16 @@ def _no_train_config(store: Store) -> None:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["src", "--target", "1.5"], "--target must lie strictly between 0 and 1"),
-        (["src", "--target", "0"], "--target must lie strictly between 0 and 1"),
-        (["src", "--rounds", "0"], "--rounds must be at least 1"),
+        (["src", "--target", "1.5"], "--target: must be < 1 "),
+        (["src", "--target", "0"], "--target: must be > 0 "),
+        (["src", "--rounds", "0"], "--rounds: must be >= 1 "),
         (["src", "--rewind", "epoch:7"], "trained for only 1 epochs"),
         (["src", "--rewind", "iter:3"], "rewind point src@iter-3"),
-        (["src", "--rewind", "later"], "invalid --rewind"),
+        (["src", "--rewind", "later"], "--rewind: must be init, epoch:K or iter:K"),
         (["src", "--exclude", "head.weight", "--exclude", "nope*"], "'nope\\*' match no prunable weight"),
         (["imported"], "has no training configuration"),
         (["nosuch"], "no artifact named 'nosuch'"),
-        (["src", "--control", "shuffle"], "unknown --control"),
+        (["src", "--control", "shuffle"], "'shuffle' is not one of 'none', 'random-reinit', 'random-prune'"),
         (["src", "--resume"], "nothing to resume"),
     ],
 )

@@ -131,7 +131,7 @@ def test_lr_scales_multiply_the_schedule_for_matching_parameters():
     sched = WarmupCosine(opt, lr=0.2, min_lr=0.0, warmup_lr=0.0, warmup_iters=0, decay_iters=10)
     sched.apply()
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.2, 0.2, 0.6, 2.0])
-    with pytest.raises(SpkpruneError, match="lr_scales must be positive"):
+    with pytest.raises(SpkpruneError, match="lr_scales: must be > 0"):
         TrainConfig(lr_scales={"1.": 0.0}).validate()
 
 
@@ -241,5 +241,5 @@ def test_train_config_round_trips_and_rejects_unknown_keys():
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(SpkpruneError, match="unknown training option"):
         TrainConfig.from_dict({"dataset": "digits", "learning_rate": 1.0})
-    with pytest.raises(SpkpruneError, match="epochs must be >= 1"):
+    with pytest.raises(SpkpruneError, match="epochs: must be >= 1"):
         TrainConfig(epochs=0).validate()
