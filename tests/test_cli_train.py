@@ -82,6 +82,9 @@ def test_existing_name_is_refused_without_resume(trained):
     assert sorted(a.ref for a in Store.open(root).list()) == before
     finished = _cli(root, "train", "--name", "d", "--resume", "--no-progress")
     assert finished.exit_code == 0 and "already finished" in finished.stderr
+    changed = _one_error_line(_cli(root, "train", "--name", "d", "--resume", "--lr", "0.5", "--no-progress"))
+    assert "--resume continues d with its own settings" in changed and "lr 0.5" in changed
+    assert sorted(a.ref for a in Store.open(root).list()) == before
 
 
 def test_bad_input_exits_2_and_leaves_the_store_unchanged(tmp_path):

@@ -166,15 +166,20 @@ def train_to_store(
 def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, progress: bool = True) -> TrainOutcome:
     """Continue run NAME from its last finished epoch (or from its initial weights if none finished)."""
     check_name(name)
+    overrides = dict(overrides or {})
+    speed = {key: overrides.pop(key) for key in SPEED_OPTIONS if key in overrides}
     if store.exists(name, "main"):
         art = store.resolve(name)
+        if art.meta.get("train"):
+            _check_same(TrainConfig(**art.meta["train"]), overrides, name)
         return TrainOutcome(art, art.meta.get("metrics", {}), None, None)
     if not store.exists(name, "init"):
         raise SpkpruneError(f"nothing to resume: {name}@init is not in the store; start the run without --resume")
     init = load_checkpoint(f"{name}@init", store)
     meta = {k: v for k, v in init.meta.items() if k not in ("epoch", "created", "parent", "sparsity")}
     cfg = TrainConfig.from_dict(meta["train"])
-    _check_same(cfg, overrides or {}, name)
+    _check_same(cfg, overrides, name)
+    cfg = cfg.replace(**speed)
     if store.exists(name, STATE_TAG):
         saved = load_train_state(store, store.resolve(f"{name}@{STATE_TAG}"))
         ckpt = dataclasses.replace(init, state_dict=saved.weights)
@@ -185,6 +190,10 @@ def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, p
     outcome = _run(store, name, model, cfg, dict(init.masks), meta, resume, progress, train_test_splits(cfg, model))
     outcome.resumed_from_epoch = start
     return outcome
+
+
+# Options that change how fast a run goes, never what it computes: a resumed run may change them.
+SPEED_OPTIONS = ("compile", "num_workers")
 
 
 def _check_same(cfg: TrainConfig, overrides: dict, name: str) -> None:
