@@ -42,6 +42,7 @@ from spkprune.checkpoint.formats import (  # noqa: F401  (re-exported: the publi
 )
 from spkprune.checkpoint.sparse import read_sparse, write_sparse  # noqa: F401
 from spkprune.errors import SpkpruneError
+from spkprune.version import __version__
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -127,17 +128,11 @@ def read_dense(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 # ---------------------------------------------------------------------------------------------- folders
 
 
-def spkprune_version() -> str:
-    import spkprune
-
-    return getattr(spkprune, "__version__", "unknown")
-
-
 def folder_config(meta: Mapping[str, Any], fmt: str, dtype: str, has_masks: bool) -> dict:
     """The content of `config.json`: what the folder holds and how to build the model."""
     return {
         "library_name": "spkprune",
-        "spkprune_version": spkprune_version(),
+        "spkprune_version": __version__,
         "format": fmt,
         "format_version": FORMAT_VERSION,
         "weights_file": SPARSE_FILE if fmt == "sparse" else DENSE_FILE,

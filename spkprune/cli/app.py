@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,11 +108,6 @@ def writable_store(ctx: typer.Context) -> Store:
 def readable_store(ctx: typer.Context) -> Store | None:
     """The store commands that only read open (None when there is none yet: files and presets need none)."""
     return Store.existing(store_dir(ctx))
-
-
-def is_main_process() -> bool:
-    """False on the other processes of a torchrun group: they work but print nothing."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main() -> None:

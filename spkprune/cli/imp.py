@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import typer
 
-from spkprune.cli.app import app, is_main_process, store_dir
+from spkprune.cli.app import app, store_dir
 from spkprune.cli.options import settings_command
 from spkprune.cli.render import render_frame, stderr
 from spkprune.errors import SpkpruneError
@@ -13,6 +13,7 @@ from spkprune.pruning.imp import describe
 from spkprune.pruning.jobs import run_imp_command
 from spkprune.pruning.settings import ImpCommandSettings
 from spkprune.store import Store
+from spkprune.training.distributed import is_main_process
 
 
 @settings_command(app, "imp", ImpCommandSettings, presentation=("progress", "fmt"))

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spkprune.counting.structure import WEIGHT_LAYERS, scope_of
+from spkprune.models.spikformer import Block
 
 
 @dataclass
@@ -67,8 +68,6 @@ class _Recorder:
     """Forward hooks that fill an `Activity`; `close()` removes them."""
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None):
-        from spkprune.models.spikformer import Block
-
         self.activity = Activity(
             layers={}, tokens_sum=[0.0] * model.config.depth, tokens_sq_sum=[0.0] * model.config.depth
         )

@@ -14,6 +14,7 @@ import torch.nn as nn
 from spkprune.counting.activity import Activity, effective_weight, measure_activity
 from spkprune.counting.structure import LayerSpec, Structure, attention_macs, trace_structure
 from spkprune.errors import SpkpruneError
+from spkprune.models.selector import cumulative_keep, tokens_kept, tokens_per_block
 
 E_MAC_PJ = 4.6  # Horowitz (ISSCC 2014), 45 nm fp32: mult 3.7 + add 0.9
 E_AC_PJ = 0.9  # fp32 add
@@ -42,8 +43,6 @@ class TokenCounts:
 def whatif_tokens(model: nn.Module, keep: float | list[float]) -> tuple[list[float], list[int]]:
     """Cumulative keep ratios and tokens per block if tokens were gathered with `keep` before the selector locations
     (the model's own selectors, else blocks 1..depth-1): one ratio rho keeps [rho, rho^2, ...] of the N tokens."""
-    from spkprune.models.selector import cumulative_keep, tokens_kept
-
     locations = sorted(int(k) for k in model.token_selectors) or model.selector_locations()
     if not locations:
         raise SpkpruneError(f"{model.name} has {model.config.depth} block(s): --keep needs at least 2 blocks")
@@ -63,8 +62,6 @@ def whatif_tokens(model: nn.Module, keep: float | list[float]) -> tuple[list[flo
 
 def configured_tokens(model: nn.Module) -> list[int]:
     """Tokens per block at inference with the model's own selectors (N everywhere for a dense model)."""
-    from spkprune.models.selector import tokens_per_block
-
     return tokens_per_block(model)
 
 

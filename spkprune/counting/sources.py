@@ -9,18 +9,18 @@ from typing import Iterator
 
 import torch.nn as nn
 
+from spkprune.checkpoint import build_model, load_checkpoint
+from spkprune.data import dataset_info, get_dataset, list_datasets, make_loader
 from spkprune.errors import SpkpruneError
+from spkprune.models import create_model, list_models
+from spkprune.store import is_store_ref, parse_ref
 
 
 def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
     """(model, masks, source kind "preset" | "checkpoint") for a preset name or a checkpoint reference."""
-    from spkprune.models import create_model, list_models
-
     presets = list_models()
     if ref in presets:
         return create_model(ref), {}, "preset"
-    from spkprune.checkpoint import build_model, load_checkpoint
-
     try:
         ckpt = load_checkpoint(ref, store)
     except SpkpruneError as err:
@@ -34,8 +34,6 @@ def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
 
 def is_stored(ref: str, store) -> bool:
     """True when `ref` names an artifact of `store` (the report can then be saved with it)."""
-    from spkprune.store import is_store_ref, parse_ref
-
     if store is None or "/" in ref or not is_store_ref(ref):
         return False
     return store.exists(*parse_ref(ref))
@@ -43,8 +41,6 @@ def is_stored(ref: str, store) -> bool:
 
 def check_dataset_fits(model: nn.Module, name: str) -> None:
     """One clear error when data set `name` cannot feed `model` (channels, size, images vs events)."""
-    from spkprune.data import dataset_info, list_datasets
-
     cfg = model.config
     wants_events = cfg.variant == "dvs"
 
@@ -68,8 +64,6 @@ def dataset_batches(
     model: nn.Module, name: str, data_dir: str | Path | None, batches: int, batch_size: int
 ) -> Iterator:
     """The first `batches` test batches of data set `name`, checked against the model first."""
-    from spkprune.data import dataset_info, get_dataset, make_loader
-
     if batches < 1 or batch_size < 1:
         raise SpkpruneError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
     check_dataset_fits(model, name)

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from spkprune.models.neurons import LIF
+from spkprune.models.spikformer import SSA
+
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 _BLOCK = re.compile(r"^block\.(\d+)\.")
@@ -114,9 +117,6 @@ def dummy_input(model: nn.Module, device: str | torch.device = "meta") -> torch.
 
 def trace_structure(model: nn.Module) -> Structure:
     """Trace `model` once (shapes only) and return its layer table per image."""
-    from spkprune.models.spikformer import SSA
-    from spkprune.models.neurons import LIF
-
     cfg = model.config
     skeleton = meta_skeleton(model)
     layers: list[LayerSpec] = []

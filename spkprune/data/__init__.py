@@ -25,6 +25,8 @@ def get_dataset(
     info = dataset_info(name)
     if split not in SPLITS:
         raise SpkpruneError(f"unknown split {split!r}; choose train or test")
+    # Each data set's module pulls in its own heavy dependency (scikit-learn, torchvision's ImageFolder,
+    # spikingjelly), so only the one asked for is imported.
     if name == "digits":
         from spkprune.data.digits import DigitsDataset
 

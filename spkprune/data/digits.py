@@ -18,7 +18,7 @@ SPLIT_SEED = 0
 
 @lru_cache(maxsize=1)
 def _load_split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn takes about a second to import; only digits needs it
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()

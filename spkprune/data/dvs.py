@@ -41,7 +41,7 @@ def _no_download_class(base: type, name: str, timesteps: int, layout_hint: str) 
 
 
 def _open_spikingjelly(name: str, root: Path, timesteps: int, train: bool | None):
-    from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS
+    from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS  # slow to import; only event data sets need them
     from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
 
     if name == "cifar10-dvs":

@@ -214,7 +214,7 @@ def prepare_for_inference(
 
 def _check_compile_available() -> None:
     try:
-        import torch._inductor  # noqa: F401
+        import torch._inductor  # noqa: F401  (the probe itself: does this torch build have inductor?)
     except Exception as err:  # pragma: no cover - depends on the torch build
         raise SpkpruneError(f"torch.compile is not available here ({type(err).__name__}: {err}); run without --compile") from err
 

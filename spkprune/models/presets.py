@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 
 from spkprune.errors import SpkpruneError
@@ -114,7 +115,6 @@ DEFAULT_DIGITS_PRESET = "spikformer-2-64-digits"
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Preset names, optionally filtered by a glob pattern (`*cifar*`)."""
-    import fnmatch
 
     names = sorted(PRESETS)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names

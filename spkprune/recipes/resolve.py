@@ -11,7 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from spkprune.data import list_datasets
 from spkprune.errors import SpkpruneError
+from spkprune.models import get_config, list_models
 from spkprune.recipes.recipe import Recipe, Stage, StageInput, stage_hash
 from spkprune.recipes.messages import RecipeError, did_you_mean, kind_of, text_of
 from spkprune.recipes.schema import (
@@ -125,15 +127,11 @@ class _Resolver:
         return self.check_model("model", model).dataset
 
     def check_model(self, key: str, name: str):
-        from spkprune.models import get_config, list_models
-
         if name not in list_models():
             raise self.fail(key, f"unknown model preset {name!r}{did_you_mean(name, list_models())}; see spkprune.list_models()")
         return get_config(name)
 
     def check_dataset(self, key: str, name: str) -> None:
-        from spkprune.data import list_datasets
-
         if name not in list_datasets():
             raise self.fail(key, f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
 
@@ -336,8 +334,6 @@ class _Resolver:
 
     @staticmethod
     def is_preset(value: str) -> bool:
-        from spkprune.models import list_models
-
         return value in list_models()
 
     def concrete_ref(self, target: StageInput) -> str:

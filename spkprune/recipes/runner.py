@@ -23,6 +23,7 @@ from spkprune.recipes.preflight import preflight
 from spkprune.recipes.record import RunRecord, run_lock
 from spkprune.recipes.recipe import Recipe, Stage
 from spkprune.store import Artifact, Store, parse_ref
+from spkprune.training import distributed
 
 Log = Callable[[str], None]
 STAMPED_TAGS = ("main", "init")  # plus every round-K of an imp stage
@@ -113,7 +114,7 @@ def run_recipe(recipe: Recipe, store_root: str | os.PathLike, *, log: Log = lamb
     """Run every stage of `recipe` against the store at `store_root`, skipping what is finished."""
     store_root = Path(store_root)
     store = Store.open(store_root, create=True)
-    main = _is_main_process()
+    main = distributed.is_main_process()
     lock = run_lock(store_root, recipe.name) if main else nullcontext()
     with lock:
         pending = [s for s, o in zip(recipe.stages, plan(recipe, store_root)) if o.action != "skip"]
@@ -159,13 +160,13 @@ def _run_stage(
     except SpkpruneError as err:
         raise SpkpruneError(f"stage {stage.name!r} ({stage.type.name}) failed: {err}") from None
     seconds = time.perf_counter() - started
-    _barrier()
+    distributed.barrier()
     outputs: dict[str, Any] = {}
     if record is not None:
         _stamp_artifacts(recipe, stage, store)
         outputs = _outputs(stage, store)
         record.finish(stage.name, outputs, result, seconds)
-    _barrier()
+    distributed.barrier()
     return StageOutcome(stage.name, stage.type.name, action, reason, stage.hash, stage.output_ref, result, seconds)
 
 
@@ -184,7 +185,7 @@ def _clear_stale_outputs(recipe: Recipe, stage: Stage, entry: dict | None, store
                 f"{key}: the store already holds {stage.artifact} (not made by stage {stage.name!r} of recipe "
                 f"{recipe.name!r}); set {key}.name to a new name or remove it (spkprune rm {stage.artifact})"
             )
-        if _is_main_process():
+        if distributed.is_main_process():
             for art in existing:
                 store.delete(art.name, art.tag)
         return False
@@ -236,18 +237,3 @@ def _outputs(stage: Stage, store: Store) -> dict:
         folder = Path(out)
         return {"folder": str(folder), "files": sorted(p.name for p in folder.iterdir() if p.is_file())}
     return {}
-
-
-# ------------------------------------------------------------------------------------------ distributed
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-

@@ -16,7 +16,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spkprune.models.selector import selectors_of, set_selector_mode
+from spkprune.checkpoint import build_model
+from spkprune.data import get_dataset
+from spkprune.errors import SpkpruneError
+from spkprune.models.selector import attach_selectors, selectors_of, set_selector_mode
 
 
 @dataclass
@@ -131,7 +134,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None):
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # matplotlib takes a second to import; only the pictures need it
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -277,10 +280,6 @@ def write_analysis(analysis: TokenAnalysis, out_dir: str | Path, prefix: str = "
 def analysis_model(ckpt, selector: dict | None = None) -> nn.Module:
     """The model to analyse: the checkpoint's own selectors, or (for a dense checkpoint) `selector` attached as is,
     by default the training-free firing-rate scorer at keep 0.7. A learned scorer needs training first."""
-    from spkprune.errors import SpkpruneError
-    from spkprune.models.selector import attach_selectors
-    from spkprune.checkpoint import build_model
-
     model = build_model(ckpt)
     if len(model.token_selectors):
         return model
@@ -295,8 +294,6 @@ def analysis_model(ckpt, selector: dict | None = None) -> nn.Module:
 
 def sample_images(dataset: str, data_dir: str | None, count: int, timesteps: int | None) -> torch.Tensor:
     """The first `count` images of the test split (a fixed, reproducible sample)."""
-    from spkprune.data import get_dataset
-
     data = get_dataset(dataset, "test", data_dir, timesteps=timesteps)
     count = min(count, len(data))
     return torch.stack([data[i][0] for i in range(count)])

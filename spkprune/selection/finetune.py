@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from spkprune.checkpoint import Checkpoint, build_model
+from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.models.selector import (
-    SCORERS,
     attach_selectors,
     detach_selectors,
     selector_config,
@@ -27,6 +27,8 @@ from spkprune.models.selector import (
 )
 from spkprune.selection.loss import SelectionLoss
 from spkprune.selection.settings import SelectionConfig
+from spkprune.training import TrainConfig, TrainHooks, evaluate, fit
+from spkprune.training.state import seed_everything
 
 # Fine-tuning starts from a trained model: a shorter run at a lower peak learning rate than training from scratch.
 FINETUNE_EPOCHS = 10
@@ -48,8 +50,6 @@ class SelectionResult:
 def finetune_config(source: Checkpoint, epochs: int | None = None, **overrides):
     """The fine-tuning `TrainConfig`: the checkpoint's own training recipe (or the data set's default) with
     `epochs` (default 10), 1 warm-up epoch and a peak learning rate of 0.2 x the recipe's, then `overrides`."""
-    from spkprune.training import TrainConfig
-
     train = source.meta.get("train")
     dataset = overrides.get("dataset") or (train or {}).get("dataset") or (source.meta.get("config") or {}).get("dataset")
     if not dataset:
@@ -98,10 +98,6 @@ def select_tokens(
     `meta` with `selector`, `selection` (loss weights, teacher, teacher metrics, tokens per block), `train` and
     `metrics`; saving it (and its `parent`) is the caller's job.
     """
-    from spkprune.data import get_dataset
-    from spkprune.training import evaluate, fit
-    from spkprune.training.state import seed_everything
-
     cfg = finetune_config(source, epochs, **{"lr_scales": selection.lr_scales(), **(train_overrides or {})})
     epochs = FINETUNE_EPOCHS if epochs is None else epochs
     if epochs == 0 and selection.scorer == "learned":
@@ -119,8 +115,6 @@ def select_tokens(
     history: list[dict] = []
     if epochs > 0:
         loss = SelectionLoss(teacher_net, cfg.label_smoothing, selection.ratio_weight, selection.distill_weight)
-        from spkprune.training import TrainHooks
-
         result = fit(
             model, cfg, masks=source.masks, hooks=TrainHooks(loss_fn=loss), progress=progress,
             train_data=train_data, test_data=test_data, device=device,

@@ -8,10 +8,10 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from safetensors.torch import save
 
 # A safetensors file: 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
 _HEADER_LEN = struct.Struct("<Q")
@@ -96,9 +96,6 @@ def tmp_is_orphan(tmp: Path, stale_s: float) -> bool:
 
 def serialize_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
     """The safetensors bytes of `tensors` (moved to CPU, contiguous, shared memory copied) with string metadata."""
-    import torch
-    from safetensors.torch import save
-
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"store.put expects tensors only; not tensors: {bad[:5]}")

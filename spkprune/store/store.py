@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors.torch import load
 
 from spkprune.errors import SpkpruneError
 from spkprune.store import fs
@@ -262,8 +263,6 @@ class Store:
 
     def read(self, art: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, safetensors __metadata__) of a verified blob."""
-        from safetensors.torch import load
-
         data = self.read_bytes(art)
         return load(data), fs.header_metadata(fs.parse_header(data))
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from spkprune.data import dataset_info
 from spkprune.errors import SpkpruneError
 from spkprune.settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, describe_error
 
@@ -85,8 +86,6 @@ class TrainConfig:
     @classmethod
     def for_dataset(cls, dataset: str, **overrides) -> "TrainConfig":
         """The default recipe for `dataset`: tuned for digits, the original Spikformer scripts' settings otherwise."""
-        from spkprune.data import dataset_info
-
         dataset_info(dataset)  # raises for an unknown name
         base = dict(_RECIPES.get(dataset, {}), dataset=dataset)
         base.update({k: v for k, v in overrides.items() if v is not None})

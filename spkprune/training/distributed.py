@@ -56,6 +56,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, wrappers) else model
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun group, read from its environment: true before the group starts and after it ends."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def is_main() -> bool:
     return current().is_main
 

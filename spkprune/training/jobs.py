@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from spkprune.data import dataset_info
 from spkprune.errors import SpkpruneError
 from spkprune.store import Store
 from spkprune.training import distributed
@@ -14,8 +15,6 @@ from spkprune.training.settings import EvaluateSettings, TrainSettings
 
 def run_train(store: Store, settings: TrainSettings, *, progress: bool = True) -> TrainOutcome:
     """Train run `settings.name` into the store (or continue it with `resume`), under torchrun too."""
-    from spkprune.data import dataset_info
-
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     overrides = settings.config_overrides()
