@@ -126,6 +126,37 @@ def _project_dir(tmp: Path, store: Path) -> None:
     _weights_file(tmp, store)
 
 
+def _regular_file(tmp: Path, store: Path) -> None:
+    (tmp / "file").write_text("in the way")
+
+
+def _odd_blob(tmp: Path, store: Path) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": "spkprune.checkpoint", "format_version": "1", "meta": "[1, 2]"}
+    save_file({"w": torch.zeros(2)}, tmp / "odd.safetensors", metadata=meta)
+
+
+def _future_export(tmp: Path, store: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from spkprune.models import create_model
+
+    folder = tmp / "export"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in create_model(DIGITS).state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"format": "dense", "format_version": "99", "arch": DIGITS}))
+
+
+def _recipe(body: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, store: Path) -> None:
+        (tmp / "r.yaml").write_text(body)
+
+    return setup
+
+
 _FLOPS = ("flops", "report", "spikformer-4-384-cifar10", "--dataset", "cifar10", "--data-dir", "{tmp}/data")
 _NOT_A_BATCH = r"is not a CIFAR python batch file"
 _REFUSED = _NOT_A_BATCH + r": it pickles {}, which the data set never holds \(refused without running it\); re-download"
@@ -171,6 +202,46 @@ CASES = [
              store="{store}/index.sqlite"),
     BadInput("store-is-someone-elses-directory-import", _IMPORT, r"project exists and is not a spkprune store",
              _project_dir, store="{tmp}/project"),
+    # Output paths are checked before any work (no training round runs before a bad --plot is found).
+    BadInput("export-out-under-proc", ("export", "net", "--out", "/proc/spkprune-x"), r"cannot write in /proc",
+             needs_proc=True),
+    BadInput("export-out-under-a-file", ("export", "net", "--out", "{tmp}/file/sub"), r"which is a file, not a folder",
+             _regular_file),
+    BadInput("select-tokens-analyze-out-is-a-file", ("select-tokens", "net", "--analyze", "--out", "{tmp}/file"),
+             r"--out '.*file' is a file, not a folder", _regular_file),
+    BadInput("imp-plot-under-proc", ("imp", "net", "--name", "t", "--plot", "/proc/spkprune-x.png"),
+             r"--plot '/proc/spkprune-x.png': cannot write in '/proc'", needs_proc=True),
+    BadInput("imp-plot-under-a-file", ("imp", "net", "--name", "t", "--plot", "{tmp}/file/p.png"),
+             r"is a file, so nothing can be written below it", _regular_file),
+    # Values out of bounds, checked by the command's settings.
+    BadInput("evaluate-batch-size-0", ("evaluate", "net", "--batch-size", "0"), r"^error: --batch-size: must be >= 1"),
+    BadInput("evaluate-batch-size-negative", ("evaluate", "net", "--batch-size", "-1"), r"--batch-size: must be >= 1"),
+    BadInput("train-save-iter-negative", ("train", "--name", "x", "--save-iter", "-5"), r"--save-iter: must be >= 1"),
+    BadInput("imp-target-1", ("imp", "net", "--name", "t", "--target", "1"), r"^error: --target: must be < 1"),
+    BadInput("select-tokens-keep-2", ("select-tokens", "net", "--name", "s", "--keep", "2"),
+             r"--keep: each keep ratio must lie in \(0, 1\]"),
+    BadInput("export-bad-revision-dry-run",
+             ("export", "net", "--out", "{tmp}/o", "--push-to-hub", "org/repo", "--revision", "bad rev..", "--dry-run"),
+             r"--revision: must be a valid branch name"),
+    BadInput("export-revision-without-push", ("export", "net", "--out", "{tmp}/o", "--revision", "main"),
+             r"--revision only apply to a push"),
+    # Usage mistakes: one line in the same format, not click's usage box.
+    BadInput("missing-argument", ("imp",), r"^error: imp: missing argument 'REF' \(see spkprune imp --help\)$"),
+    BadInput("not-an-integer", ("imp", "net", "--name", "t", "--rounds", "five"), r"^error: imp: invalid value for '--rounds'"),
+    BadInput("unknown-command", ("prnue",), r"^error: no such command 'prnue'"),
+    BadInput("unknown-option", ("imp", "net", "--bogus"), r"^error: imp: no such option: --bogus"),
+    BadInput("bad-choice", ("imp", "net", "--name", "t", "--scope", "local"), r"'local' is not one of 'global', 'layerwise'"),
+    # Files that are not what they claim.
+    BadInput("blob-meta-not-an-object", ("show", "{tmp}/odd.safetensors"), r"its metadata is a JSON array", _odd_blob),
+    BadInput("export-from-a-newer-spkprune", ("show", "{tmp}/export"), r"format_version|version", _future_export),
+    BadInput("reference-with-a-newline", ("evaluate", "a\nb"), r"^error: 'a\\nb' does not exist"),
+    # Recipes: everything is checked before a stage runs.
+    BadInput("recipe-missing-data-dir", ("run", "{tmp}/r.yaml"), r"stages.dense.data_dir: folder .* does not exist",
+             _recipe(f"model: {DIGITS}\ndata: {{data_dir: /no/such/dir}}\nstages:\n  dense: {{type: train, epochs: 1}}\n")),
+    BadInput("recipe-missing-input-file", ("run", "{tmp}/r.yaml"), r"stages.flops.from: .*missing.safetensors does not exist",
+             _recipe("stages:\n  flops: {type: flops, from: ./missing.safetensors}\n")),
+    BadInput("recipe-bad-value", ("run", "{tmp}/r.yaml"), r"stages.dense.epochs: must be >= 1 \(got 0\)",
+             _recipe(f"model: {DIGITS}\nstages:\n  dense: {{type: train, epochs: 0}}\n")),
 ]
 
 

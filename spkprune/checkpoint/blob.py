@@ -77,7 +77,7 @@ def read_safetensors_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(tensors, __metadata__) of a safetensors file; one clear SpkpruneError naming the file otherwise."""
     path = Path(path)
     if not path.exists():
-        raise SpkpruneError(f"{path} does not exist: give NAME[@TAG], a .safetensors file, a folder or hf://ORG/REPO")
+        raise SpkpruneError(f"{str(path)!r} does not exist: give NAME[@TAG], a .safetensors file, a folder or hf://ORG/REPO")
     if path.name.endswith(PICKLE_SUFFIXES):
         raise SpkpruneError(
             f"{path} is a pickled PyTorch checkpoint, not safetensors; bring it into the store first with "

@@ -113,12 +113,12 @@ def plan(recipe: Recipe, store_root: Path) -> list[StageOutcome]:
 def run_recipe(recipe: Recipe, store_root: str | os.PathLike, *, log: Log = lambda message: None) -> RunReport:
     """Run every stage of `recipe` against the store at `store_root`, skipping what is finished."""
     store_root = Path(store_root)
+    pending = [s for s, o in zip(recipe.stages, plan(recipe, store_root)) if o.action != "skip"]
+    preflight(recipe, pending, Store.existing(store_root))  # before the store or its lock file is touched
     store = Store.open(store_root, create=True)
     main = distributed.is_main_process()
     lock = run_lock(store_root, recipe.name) if main else nullcontext()
     with lock:
-        pending = [s for s, o in zip(recipe.stages, plan(recipe, store_root)) if o.action != "skip"]
-        preflight(recipe, pending, store)
         record = RunRecord.load(store_root, recipe.name)
         record.recipe = recipe.resolved
         ran: set[str] = set()
