@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "store", "data"},
     {"checkpoint", "__init__"},
     {"training", "counting"},
-    {"pruning", "selection", "export"},
+    {"pruning", "selection", "export", "compact", "bench"},
     {"recipes"},
     {"cli", "__main__"},
 ]
