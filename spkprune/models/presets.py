@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from spkprune.errors import SpkpruneError
 
 VARIANTS = ("cifar", "dvs", "imagenet")
+WIDTH_FIELDS = {"block_heads": None, "block_mlp_hidden": None, "stem_channels": 3}  # field -> length (None: depth)
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,11 @@ class SpikformerConfig:
     `variant` picks the original code base: `cifar` (Linear + BatchNorm1d projections with bias), `dvs`
     (Conv1d projections, event-frame input) or `imagenet` (Conv1d attention, 1x1 Conv2d MLP).
     `num_pools` max-pools sit after the last stages of the patch splitting (2 for CIFAR, 4 for DVS/ImageNet).
+
+    A compacted model (`spkprune compact`) records its own widths: `block_heads` (attention heads per block, each
+    head keeping the width embed_dim / num_heads), `block_mlp_hidden` (MLP hidden channels per block) and
+    `stem_channels` (the outputs of the first three patch-splitting convs). None means the uniform widths of the
+    original: num_heads, embed_dim * mlp_ratio and (C/8, C/4, C/2).
     """
 
     variant: str
@@ -33,6 +39,9 @@ class SpikformerConfig:
     mlp_ratio: int = 4
     ln_eps: float = 1e-5
     dataset: str | None = None
+    block_heads: tuple[int, ...] | None = None
+    block_mlp_hidden: tuple[int, ...] | None = None
+    stem_channels: tuple[int, ...] | None = None
     extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -48,8 +57,47 @@ class SpikformerConfig:
         for name in ("depth", "timesteps", "num_classes", "in_channels", "mlp_ratio"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        problems += self._width_problems()
         if problems:
             raise SpkpruneError("invalid model configuration: " + "; ".join(problems))
+
+    def _width_problems(self) -> list[str]:
+        """Normalise the per-block widths to tuples (JSON gives lists) and list what is wrong with them."""
+        problems = []
+        for name, length in WIDTH_FIELDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            widths = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            object.__setattr__(self, name, widths)
+            expected = self.depth if length is None else length
+            if len(widths) != expected or not all(isinstance(w, int) and w >= 1 for w in widths):
+                problems.append(f"{name} must be {expected} whole numbers >= 1, got {list(widths)}")
+        return problems
+
+    def heads_of(self, block: int) -> int:
+        """Attention heads of block `block`."""
+        return self.num_heads if self.block_heads is None else self.block_heads[block]
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head: embed_dim / num_heads, whatever heads a block keeps."""
+        return self.embed_dim // self.num_heads
+
+    def mlp_hidden_of(self, block: int) -> int:
+        """MLP hidden channels of block `block`."""
+        return self.embed_dim * self.mlp_ratio if self.block_mlp_hidden is None else self.block_mlp_hidden[block]
+
+    @property
+    def stem_widths(self) -> tuple[int, int, int]:
+        """Output channels of the first three patch-splitting convs (the fourth gives embed_dim)."""
+        dim = self.embed_dim
+        return (dim // 8, dim // 4, dim // 2) if self.stem_channels is None else tuple(self.stem_channels)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every block has the original widths (no compaction recorded)."""
+        return all(getattr(self, name) is None for name in WIDTH_FIELDS)
 
     @property
     def grid_size(self) -> int:
@@ -62,6 +110,9 @@ class SpikformerConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("extras")
+        for name in WIDTH_FIELDS:  # JSON's form, so that a stored config compares equal to a fresh one
+            if data[name] is not None:
+                data[name] = list(data[name])
         return data
 
     @classmethod

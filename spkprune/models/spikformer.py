@@ -100,21 +100,22 @@ class TokenProjection(nn.Module):
 class SSA(TokenProjection):
     """Spiking self-attention: q, k, v spikes, `(q k^T) v * scale` without softmax, attention LIF at 0.5, projection."""
 
-    def __init__(self, cfg: SpikformerConfig):
+    def __init__(self, cfg: SpikformerConfig, index: int = 0):
         super().__init__()
         self.conv_kind = "linear" if cfg.variant == "cifar" else "conv1d"
-        self.num_heads = cfg.num_heads
+        self.num_heads = cfg.heads_of(index)  # a compacted block may keep fewer heads, each of the original width
+        self.head_dim = cfg.head_dim
         self.scale = cfg.attn_scale
-        dim = cfg.embed_dim
+        dim, inner = cfg.embed_dim, self.num_heads * self.head_dim
         qkv_bias = cfg.variant == "cifar"  # the CIFAR code builds nn.Linear with its default bias
         for prefix in ("q", "k", "v"):
-            self._make(prefix, dim, dim, bias=qkv_bias)
+            self._make(prefix, dim, inner, bias=qkv_bias)
         self.attn_lif = LIF(ATTN_THRESHOLD)
-        self._make("proj", dim, dim, bias=True)
+        self._make("proj", inner, dim, bias=True)
 
-    def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,N,C] -> [T,B,h,N,d]
-        T, B, N, C = s.shape
-        heads = s.reshape(T, B, N, self.num_heads, C // self.num_heads).permute(0, 1, 3, 2, 4)
+    def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,N,h*d] -> [T,B,h,N,d]
+        T, B, N, _ = s.shape
+        heads = s.reshape(T, B, N, self.num_heads, self.head_dim).permute(0, 1, 3, 2, 4)
         if packing_active():  # the copy the matmul would make anyway, made here so it is saved as bool
             heads = heads.contiguous()
             register_spikes(heads)
@@ -153,21 +154,21 @@ class SSA(TokenProjection):
             k, v = k * token_mask, v * token_mask
         # Spikes are 0/1 and the scale is a power of two, so every product order gives bit-identical results; the
         # cheaper order is taken (the ImageNet code's q (k^T v) is the linear-attention order).
-        if N > C // self.num_heads:
+        if N > self.head_dim:
             out = (q @ (k.transpose(-2, -1) @ v)) * self.scale
         else:
             out = ((q @ k.transpose(-2, -1)) * self.scale) @ v
-        out = self.attn_lif(out.transpose(2, 3).reshape(T, B, N, C))
+        out = self.attn_lif(out.transpose(2, 3).reshape(T, B, N, self.num_heads * self.head_dim))
         return self.project_spike("proj", out.flatten(0, 1), keep_tb, T)
 
 
 class MLP(TokenProjection):
     """fc1 (C -> rC) + BN + LIF, fc2 (rC -> C) + BN + LIF."""
 
-    def __init__(self, cfg: SpikformerConfig):
+    def __init__(self, cfg: SpikformerConfig, index: int = 0):
         super().__init__()
         self.conv_kind = {"cifar": "linear", "dvs": "conv1d", "imagenet": "conv2d"}[cfg.variant]
-        hidden = cfg.embed_dim * cfg.mlp_ratio
+        hidden = cfg.mlp_hidden_of(index)
         self._make("fc1", cfg.embed_dim, hidden, bias=True)
         self._make("fc2", hidden, cfg.embed_dim, bias=True)
 
@@ -181,12 +182,12 @@ class MLP(TokenProjection):
 class Block(nn.Module):
     """`x + SSA(x)`, then `x + MLP(x)`. `norm1`/`norm2` exist in the original state_dict but are never called."""
 
-    def __init__(self, cfg: SpikformerConfig):
+    def __init__(self, cfg: SpikformerConfig, index: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.ln_eps)
-        self.attn = SSA(cfg)
+        self.attn = SSA(cfg, index)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.ln_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, index)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         register_small_integers(x)  # the residual stream sums spike maps: saved for backward as uint8
@@ -207,7 +208,7 @@ class SPS(nn.Module):
     def __init__(self, cfg: SpikformerConfig):
         super().__init__()
         dim = cfg.embed_dim
-        channels = [cfg.in_channels, dim // 8, dim // 4, dim // 2, dim]
+        channels = [cfg.in_channels, *cfg.stem_widths, dim]
         self.pooled_stages = tuple(range(4 - cfg.num_pools, 4))
         for i, suffix in enumerate(_STAGE_SUFFIXES):
             setattr(self, f"proj_conv{suffix}", nn.Conv2d(channels[i], channels[i + 1], 3, 1, 1, bias=False))
@@ -268,7 +269,7 @@ class Spikformer(nn.Module):
         if cfg.variant == "dvs":  # created and initialised by the DVS code, never used in forward
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.embed_dim))
         self.patch_embed = SPS(cfg)
-        self.block = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.block = nn.ModuleList(Block(cfg, index) for index in range(cfg.depth))
         if cfg.variant == "dvs":
             self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.ln_eps)  # unused, as in the original
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
@@ -377,13 +378,14 @@ class Spikformer(nn.Module):
         """Bytes of the largest float32 activation one sample makes: a patch-splitting stage at its full
         resolution or the MLP's hidden tokens, over all time steps."""
         cfg = self.config
-        channels = [cfg.embed_dim // 8, cfg.embed_dim // 4, cfg.embed_dim // 2, cfg.embed_dim, cfg.embed_dim]
+        channels = [*cfg.stem_widths, cfg.embed_dim, cfg.embed_dim]
         side, widest = cfg.img_size, 0
         for stage, c in enumerate(channels):
             widest = max(widest, c * side * side)
             if stage in self.patch_embed.pooled_stages:
                 side //= 2
-        widest = max(widest, cfg.num_tokens * cfg.embed_dim * cfg.mlp_ratio)
+        hidden = max(cfg.mlp_hidden_of(index) for index in range(cfg.depth))
+        widest = max(widest, cfg.num_tokens * max(hidden, cfg.embed_dim))
         return 4 * cfg.timesteps * widest
 
     def _inference_chunk(self, x: torch.Tensor) -> int | None:
