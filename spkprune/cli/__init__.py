@@ -11,4 +11,5 @@ from spkprune.cli import (  # noqa: F401  (importing registers the commands)
     flops,
     export,
     run,
+    bench,
 )
