@@ -88,7 +88,7 @@ def parameter_counts(model: nn.Module, density: Mapping[str, float]) -> tuple[in
 def _dense_macs(spec: LayerSpec, structure: Structure, tokens: TokenCounts, order: str) -> float:
     if spec.kind == "attn":
         traced = structure.traced_tokens[spec.token_block]
-        qk, _ = attention_macs(structure.timesteps, traced, structure.embed_dim, structure.num_heads, order)
+        qk, _ = attention_macs(structure.timesteps, traced, *structure.attention_width(spec.token_block), order)
         if order == "qk_v":
             return qk * tokens.mean_sq[spec.token_block] / traced**2
         return qk * tokens.mean[spec.token_block] / traced

@@ -57,8 +57,15 @@ class Structure:
     depth: int
     traced_tokens: list[int]  # tokens per block in the trace (the dense model: N everywhere)
     layers: list[LayerSpec]
+    attention_heads: list[int] = field(default_factory=list)  # heads per block (fewer in a compacted block)
     lif_updates: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # site -> (updates, token_block)
     selector_locations: list[int] = field(default_factory=list)
+
+
+    def attention_width(self, block: int) -> tuple[int, int]:
+        """(width of q/k/v, heads) of block `block`'s attention: heads x embed_dim/num_heads."""
+        heads = self.attention_heads[block] if self.attention_heads else self.num_heads
+        return heads * (self.embed_dim // self.num_heads), heads
 
 
 def scope_of(name: str) -> tuple[str, int | None]:
@@ -147,10 +154,10 @@ def trace_structure(model: nn.Module) -> Structure:
         return hook
 
     def on_attention(index: int):
-        def hook(_mod, inputs):
-            T, _B, N, C = inputs[0].shape
+        def hook(mod, inputs):
+            T, _B, N, _C = inputs[0].shape
             traced_tokens[index] = N
-            attention[index] = (T, N, C)
+            attention[index] = (T, N, mod.num_heads * mod.head_dim)
 
         return hook
 
@@ -184,6 +191,7 @@ def trace_structure(model: nn.Module) -> Structure:
         depth=cfg.depth,
         traced_tokens=traced_tokens,
         layers=layers,
+        attention_heads=[block.attn.num_heads for block in model.block],
         lif_updates=lif_updates,
         selector_locations=sorted(int(k) for k in model.token_selectors),
     )
