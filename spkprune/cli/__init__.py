@@ -11,5 +11,6 @@ from spkprune.cli import (  # noqa: F401  (importing registers the commands)
     flops,
     export,
     run,
+    compact,
     bench,
 )
