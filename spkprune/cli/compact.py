@@ -1,0 +1,54 @@
+"""`spkprune compact REF --name NAME`: cut what the masks removed out of the model, same outputs, smaller file."""
+
+from __future__ import annotations
+
+import pandas as pd
+import typer
+
+from spkprune.cli.app import app, writable_store
+from spkprune.cli.options import settings_command
+from spkprune.cli.render import render_frame, stderr
+from spkprune.compact.compaction import removed_summary
+from spkprune.compact.jobs import CompactOutcome, run_compact
+from spkprune.compact.plan import KINDS
+from spkprune.compact.settings import CompactSettings
+
+
+@settings_command(app, "compact", CompactSettings)
+def compact_command(ctx: typer.Context, settings: CompactSettings, fmt: str) -> None:
+    """Remove physically the attention heads, MLP hidden channels and patch-splitting channels that the masks left
+    unused (nothing reads them, or their neurons provably never fire): a smaller dense Spikformer with the same
+    outputs, saved as NAME with its widths per block in its configuration."""
+    outcome = run_compact(writable_store(ctx), settings)
+    compaction = outcome.compaction
+    if fmt in ("table", "md"):
+        stderr.print(f"compacted {compaction.checkpoint.meta['compacted']['from']} into {outcome.artifact.ref}: "
+                     f"removed {removed_summary(compaction.removed)}")
+    render_frame(_widths(outcome), fmt, title=f"compacted {outcome.artifact.ref}", extra=_summary(outcome))
+
+
+def _widths(outcome: CompactOutcome) -> pd.DataFrame:
+    rows = []
+    for kind, places in outcome.compaction.removed.items():
+        for place, indices in places.items():
+            rows.append({"kind": KINDS[kind], "where": place, "removed": len(indices),
+                         "indices": ",".join(map(str, indices))})
+    return pd.DataFrame(rows, columns=["kind", "where", "removed", "indices"])
+
+
+def _summary(outcome: CompactOutcome) -> dict:
+    compaction = outcome.compaction
+    config = compaction.model.config
+    summary = {
+        "ref": outcome.artifact.ref,
+        "parent": compaction.checkpoint.meta["compacted"]["from"],
+        "params_before": compaction.params_before,
+        "params_after": compaction.params_after,
+        "heads_per_block": list(config.block_heads),
+        "mlp_hidden_per_block": list(config.block_mlp_hidden),
+        "stem_channels": list(config.stem_channels),
+        "bytes_after": outcome.size_after,
+    }
+    if outcome.size_before is not None:
+        summary["bytes_before"] = outcome.size_before
+    return summary
