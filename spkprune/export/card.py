@@ -122,6 +122,42 @@ def _flops_section(flops: Any) -> str:
     return "\n".join(parts) + "\n" if len(parts) > 1 else ""
 
 
+_SPEED_COLUMNS = (("batch_size", "batch"), ("latency_ms", "latency ms (batch 1, median)"),
+                  ("latency_p90_ms", "p90 ms"), ("throughput", "images/s"), ("peak_memory_mb", "peak memory MB"),
+                  ("speedup", "speed-up"), ("dense_macs", "dense MACs"), ("nonzero_macs", "nonzero MACs"))
+
+
+def _speed_section(bench: Any) -> str:
+    """`spkprune bench`'s stored result (`meta["bench"]`): the measured figures and the machine they belong to."""
+    if not isinstance(bench, Mapping) or "throughput" not in bench:
+        return ""
+    row = {header: bench.get(key) for key, header in _SPEED_COLUMNS}
+    machine = bench.get("machine") if isinstance(bench.get("machine"), Mapping) else {}
+    settings = bench.get("settings") if isinstance(bench.get("settings"), Mapping) else {}
+    where = _machine_text(machine)
+    path = "fast inference path" + (", compiled neurons" if settings.get("compile") else "")
+    lines = [
+        "## Measured speed\n",
+        f"Measured with `spkprune bench` ({path}) on {where or 'an unrecorded machine'}"
+        + (f", {bench['measured_at']}" if bench.get("measured_at") else "") + ". Speed on another machine differs.\n",
+        markdown_table([row]) + "\n",
+    ]
+    if bench.get("baseline") is not None:
+        lines.append(f"- speed-up: throughput against `{_cell(bench['baseline'])}`, measured in the same run")
+    if bench.get("peak_memory"):
+        lines.append(f"- peak memory: {_cell(bench['peak_memory'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _machine_text(machine: Mapping[str, Any]) -> str:
+    """`AMD EPYC, 2 cores, 1 torch threads, torch 2.4.1` from a stored machine description."""
+    parts = [machine.get("gpu") or machine.get("cpu")]
+    for key, text in (("cores", "{} cores"), ("torch_threads", "{} torch threads"), ("torch", "torch {}")):
+        if machine.get(key) is not None:
+            parts.append(text.format(machine[key]))
+    return ", ".join(str(part) for part in parts if part)
+
+
 def _summary(meta: Mapping[str, Any], fmt: str, dtype: str) -> str:
     config = meta.get("config") or {}
     sparsity = meta.get("sparsity") or {}
@@ -206,6 +242,7 @@ def model_card(
         _summary(meta, fmt, dtype) + "\n",
         _rounds_section(meta, lineage),
         _flops_section(meta.get("flops")),
+        _speed_section(meta.get("bench")),
         _load_section(fmt, hub_ref, has_masks),
     ]
     recipe = meta.get("recipe")
