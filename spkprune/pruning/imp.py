@@ -4,15 +4,18 @@ What is pruned (`masks.py`: the strategy), how it trains (`spkprune.training.fit
 Every round is a store artifact `NAME@round-K` (weights + masks + metadata); a finished round is never recomputed,
 and an unfinished one continues from its last saved epoch (`NAME@round-K-epoch-E`, removed when the round ends):
 
-    round 0   the given trained checkpoint (evaluated at full T)
-    round k   prune `levels[k]` of the eligible weights by magnitude of round k-1's trained weights,
-              rewind the survivors (`init`, `epoch:K`, `iter:K`), retrain `epochs_per_round` epochs
+    round 0   the given trained checkpoint (evaluated at full T; a pruned one keeps its masks)
+    round k   prune `levels[k]` of the eligible weights by magnitude of round k-1's trained weights (or, with
+              `granularity="channel"`, of the eligible heads / MLP channels / stem channels by importance),
+              rewind the survivors (`init`, `epoch:K`, `iter:K`; `none` continues from round k-1's weights),
+              retrain `epochs_per_round` epochs
 
 Controls (`random-reinit`: round k's masks on a fresh initialisation; `random-prune`: random masks with round k's
 per-tensor counts on the rewind weights) are stored as `NAME@<control>-round-K` beside the ticket.
 
-The pieces: `rewind.py` (the source and its rewind point), `lottery.py` (the run's names, identity, masks and
-models), `round_states.py` (resuming a round), `sharing.py` (one mask for every process), `report.py` (rows, plot).
+The pieces: `rewind.py` (the source and its rewind point), `granularity.py` (what a round prunes: weights, or
+structures from `structures.py` / `structured.py`), `lottery.py` (the run's names, identity, masks and models),
+`round_states.py` (resuming a round), `sharing.py` (one mask for every process), `report.py` (rows, plot).
 """
 
 from __future__ import annotations
@@ -102,9 +105,8 @@ def _train(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: M.Masks
     saved = states.latest(masks)
     if saved is not None:
         model.load_state_dict(saved.weights, strict=True)
-    level = M.count_pruned(masks) / sum(m.numel() for m in masks.values())
     lottery.log(
-        f"{lottery.ref(kind, k)}: {level:.2%} of the eligible weights pruned, T={lottery.timesteps(k)}, "
+        f"{lottery.ref(kind, k)}: {lottery.pruning.summary(masks)}, T={lottery.timesteps(k)}, "
         f"{cfg.total_epochs} epochs" + (f" (resuming after epoch {saved.epoch})" if saved else "")
     )
     parent = lottery.parent(kind, k)

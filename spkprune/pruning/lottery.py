@@ -1,9 +1,9 @@
 """One lottery run NAME in the store: its artifacts' names, its identity, and what each round is made of.
 
-Round k of the ticket prunes round k-1's trained weights by magnitude (`masks.py`, the strategy) and rewinds the
-survivors; a control reuses the ticket's round k (`random-reinit`: the same masks on a fresh initialisation;
-`random-prune`: random masks with the same per-tensor counts on the rewind weights). Rounds are saved as
-`NAME@round-K` and `NAME@<control>-round-K`.
+Round k of the ticket prunes round k-1's trained weights (`granularity.py`: single weights by magnitude, or whole
+structures by importance) and rewinds the survivors; a control reuses the ticket's round k (`random-reinit`: the same
+masks on a fresh initialisation; `random-prune`: random masks with the same per-tensor counts, or random structures
+with the same per-layer counts, on the rewind weights). Rounds are saved as `NAME@round-K` and `NAME@<control>-round-K`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.models import model_from_config
 from spkprune.models.selector import attach_selectors, selector_config
 from spkprune.pruning import masks as M
+from spkprune.pruning.granularity import pruning_strategy
 from spkprune.pruning.report import RoundRow
 from spkprune.pruning.rewind import Source, resolve_rewind
 from spkprune.pruning.round_states import RoundStates
@@ -43,6 +44,8 @@ class Lottery:
         source = {"source": src.art.ref, "source_sha256": src.art.sha256}
         self.identity = {**settings.to_dict(), "seed": self.seed, **source}
         self.rewind = resolve_rewind(store, src, settings.rewind)
+        self.pruning = pruning_strategy(settings, src.structures, src.eligible)
+        self.pruning.check(src.base_masks, self.levels)  # a level it cannot reach is refused before any work
 
     # ---- naming ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -119,25 +122,36 @@ class Lottery:
         """Round k's masks, the same on every process: the ticket's by magnitude, a control's from the ticket's."""
         if kind == "ticket":
             return self._ticket_masks(k)
-        masks = load_artifact(self.store, self.store.resolve(self.ref("ticket", k))).masks
+        masks = self._round(k).masks
         if kind == "random-prune":
-            masks = M.random_masks_like(masks, _derive_seed(self.seed, kind, k))
+            masks = self.pruning.random_like(self.src.base_masks, masks, _derive_seed(self.seed, kind, k))
         return share_masks(masks if distributed.is_main() else None, masks)
 
     def _ticket_masks(self, k: int) -> dict[str, torch.Tensor]:
         """Computed on the main process from round k-1's trained weights, then shared."""
-        prev = load_artifact(self.store, self.store.resolve(self.ref("ticket", k - 1)))
-        prev_masks = prev.masks or M.full_masks(prev.state_dict, self.src.eligible)
+        prev = self._round(k - 1)
+        prev_masks = self.src.complete(prev.masks)
         new = None
         if distributed.is_main():
-            new = M.magnitude_masks(prev.state_dict, prev_masks, self.levels[k - 1], self.settings.scope)
+            new = self.pruning.prune(prev.state_dict, prev_masks, self.levels[k - 1])
         return share_masks(new, prev_masks)
 
+    def _round(self, k: int) -> Checkpoint:
+        return load_artifact(self.store, self.store.resolve(self.ref("ticket", k)))
+
     def rewound_model(self, kind: str, k: int) -> nn.Module:
-        """Round k's starting model: the rewind point's weights, or a fresh initialisation for `random-reinit`."""
+        """Round k's starting model: the rewind point's weights (with `--rewind none` the weights the ticket's round
+        k-1 ended with), or a fresh initialisation for `random-reinit`."""
         if kind == "random-reinit":
             return self.fresh_model(self.timesteps(k), _derive_seed(self.seed, kind, k))
-        return self.src.model(self.rewind.state_dict, self.timesteps(k))
+        return self.src.model(self.start_weights(k), self.timesteps(k))
+
+    def start_weights(self, k: int) -> dict[str, torch.Tensor]:
+        return self._round(k - 1).state_dict if self.rewind.continues else self.rewind.state_dict
+
+    def started_from(self, k: int) -> str:
+        """The artifact whose weights round k started from (meta["imp"]["rewind"])."""
+        return self.ref("ticket", k - 1) if self.rewind.continues else self.rewind.label
 
     def fresh_model(self, timesteps: int, seed: int) -> nn.Module:
         """A newly initialised model of the same architecture (and selector), from a seed of its own."""
@@ -151,13 +165,14 @@ class Lottery:
     def save_round_zero(self, model: nn.Module, metrics: dict) -> None:
         """Round 0 is the source itself, evaluated again at its full T."""
         src = self.src
-        self._save("ticket", 0, model, {}, metrics, src.train, parent=src.art.ref, timesteps=src.timesteps)
+        self._save("ticket", 0, model, src.ckpt.masks, metrics, src.train, parent=src.art.ref,
+                   timesteps=src.timesteps)
 
     def save_round(self, kind: str, k: int, model: nn.Module, masks, metrics: dict, cfg: TrainConfig) -> None:
         """Round k of `kind`, trained; its per-epoch states go once it is stored."""
         self._save(
             kind, k, model, masks, metrics, cfg, parent=self.parent(kind, k), timesteps=self.timesteps(k),
-            rewind=self.rewind.label,
+            rewind=self.started_from(k),
         )
         self.states(kind, k).drop()
 
@@ -177,6 +192,7 @@ class Lottery:
                 imp={
                     "settings": self.identity, "kind": kind, "round": k, "timesteps": timesteps,
                     "level": self.levels[k - 1] if k else 0.0, "rewind": rewind, "mask_sha256": M.mask_checksum(masks),
+                    **self.pruning.describe(masks),
                 },
             )
             save_checkpoint(self.store, self.name, self.tag(kind, k), Checkpoint(state_dict, masks, meta), parent=parent)

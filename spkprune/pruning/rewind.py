@@ -2,6 +2,10 @@
 
 `init` rewinds to NAME@init, `epoch:K` to NAME@epoch-K and `iter:K` to NAME@iter-K of the source's training run (or
 of its nearest ancestor that has them). Late rewinding continues the dense run's learning-rate schedule from there.
+`none` rewinds nothing: each round continues from the weights the round before ended with.
+
+The source may be pruned already (a ticket of another run, e.g. structured before unstructured): its masks stay, and
+only shrink in the rounds that follow.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from spkprune.data import get_dataset, make_loader
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
 from spkprune.pruning.settings import ImpSettings, parse_rewind
+from spkprune.pruning.structures import Group, structure_groups
 from spkprune.store import Artifact, Store, is_store_ref
 from spkprune.training import TrainConfig
 
@@ -30,12 +35,22 @@ class Source:
     prunable: list[str]
     eligible: list[str]
     timesteps: int
+    structures: list[Group]  # every removable structure of the architecture (structures.py)
 
     def model(self, state_dict: dict[str, torch.Tensor], timesteps: int) -> nn.Module:
         """The source's architecture (and selector) at `timesteps` time steps, holding `state_dict`."""
         meta = dict(self.ckpt.meta)
         meta["config"] = {**meta["config"], "timesteps": timesteps}
         return build_model(Checkpoint(state_dict, {}, meta, self.art.ref))
+
+    def complete(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`masks` with an all-True mask for every eligible weight they leave out (nothing pruned there yet)."""
+        return {**M.full_masks(self.ckpt.state_dict, self.eligible), **masks}
+
+    @property
+    def base_masks(self) -> dict[str, torch.Tensor]:
+        """The source's own masks over every eligible weight (all True for a dense source)."""
+        return self.complete(self.ckpt.masks)
 
 
 def load_source(store: Store, ref: str, settings: ImpSettings) -> Source:
@@ -51,25 +66,29 @@ def load_source(store: Store, ref: str, settings: ImpSettings) -> Source:
             f"{art.ref} has no training configuration (meta 'train'; e.g. an imported checkpoint); imp rewinds to "
             f"{art.name}@init and retrains with the recorded configuration: train it with `spkprune train` first"
         )
-    if ckpt.masks:
-        raise SpkpruneError(f"{art.ref} is already pruned; start imp from a dense trained checkpoint")
     train = TrainConfig.from_dict(ckpt.meta["train"])
     model = build_model(ckpt)
     prunable = list(model.prunable_weights())
     eligible = M.eligible_keys(prunable, settings.exclude)
-    return Source(art, ckpt, train, prunable, eligible, model.config.timesteps)
+    return Source(art, ckpt, train, prunable, eligible, model.config.timesteps, structure_groups(model))
 
 
 @dataclass
 class RewindPoint:
-    label: str  # the artifact rewound to
-    state_dict: dict[str, torch.Tensor]
+    label: str  # the artifact rewound to ("none": each round continues from the round before)
+    state_dict: dict[str, torch.Tensor] | None  # None for `none`
     offset_iters: int  # where the learning-rate schedule of a round starts
+
+    @property
+    def continues(self) -> bool:
+        return self.state_dict is None
 
 
 def resolve_rewind(store: Store, src: Source, spec: str) -> RewindPoint:
     """The weights (and schedule offset) that `--rewind spec` names; SpkpruneError naming the tags that exist."""
     kind, k = parse_rewind(spec)
+    if kind == "none":
+        return RewindPoint("none", None, 0)
     name = src.art.name
     tag = {"init": "init", "epoch": f"epoch-{k}", "iter": f"iter-{k}"}[kind]
     if kind == "epoch" and k > src.train.total_epochs:

@@ -11,33 +11,47 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
+from spkprune.pruning.structured import IMPORTANCES
+from spkprune.pruning.structures import KINDS
 from spkprune.settings import Settings, option, split_list
 from spkprune.training.config import Epochs, TimeSteps
 
 DEFAULT_TARGET = 0.9
 CONTROLS = ("none", "random-reinit", "random-prune")
-_REWIND_RE = re.compile(r"^(init|epoch:(\d+)|iter:(\d+))$")
+GRANULARITIES = ("weight", "channel")
+_REWIND_RE = re.compile(r"^(init|none|epoch:(\d+)|iter:(\d+))$")
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Globs = Annotated[tuple[str, ...], BeforeValidator(split_list)]
+Structures = Annotated[tuple[str, ...], BeforeValidator(split_list)]  # names checked below (choices: KINDS)
+# Fields added after stores began recording the run identity: part of it only when they differ from their defaults.
+_LATER_FIELDS = ("granularity", "structures", "importance")
 
 
 class ImpSettings(Settings):
     """Everything that decides an IMP run's results. Give `target` or `rate` (neither: target 0.9)."""
 
     rounds: Epochs = option(10, "Pruning rounds N (the ticket is NAME@round-N).")
-    target: Optional[Fraction] = option(None, f"Sparsity of the eligible weights after round N (default "
-                                        f"{DEFAULT_TARGET}).")
+    target: Optional[Fraction] = option(None, f"Sparsity of the eligible weights after round N (with --granularity "
+                                        f"channel: the fraction of structures removed; default {DEFAULT_TARGET}).")
     rate: Optional[Fraction] = option(None, "Fraction of the surviving weights pruned per round (instead of "
                                       "--target).")
     scope: Literal[M.SCOPES] = option("global", "global: one ranking over all weights; layerwise: per tensor.")
     exclude: Globs = option((), "Glob over state_dict keys never pruned (repeatable), e.g. 'head.weight'.",
                             repeat=True)
-    rewind: str = option("init", "Rewind point: init, epoch:K or iter:K of the dense run.")
+    rewind: str = option("init", "Rewind point: init, epoch:K or iter:K of the dense run, or none (each round "
+                         "continues from the weights the round before ended with: structured fine-tuning).")
     epochs_per_round: Optional[Epochs] = option(None, "Retraining epochs per round (default: as many as the dense "
                                                 "run).")
     search_timesteps: Optional[TimeSteps] = option(None, "Early-time ticket: search masks at T' time steps, retrain "
                                                    "the last round at full T.")
     seed: Optional[int] = option(None, "Seed of the retraining (default: the dense run's).")
+    granularity: Literal[GRANULARITIES] = option("weight", "What a round prunes: single weights (weight) or whole "
+                                                 "heads and channels (channel).")
+    structures: Structures = option(KINDS, "With --granularity channel: which structures, comma-separated: heads "
+                                    "(attention heads), mlp (MLP hidden channels), stem (patch-splitting channels).",
+                                    split=True)
+    importance: Literal[IMPORTANCES] = option("l2", "With --granularity channel: rank structures by the norm of "
+                                              "their weights (l2) or by their BatchNorm scales (bn).")
 
     @model_validator(mode="before")
     @classmethod
@@ -50,14 +64,29 @@ class ImpSettings(Settings):
     @classmethod
     def _rewind_point(cls, spec: str) -> str:
         match = _REWIND_RE.match(spec)
-        if not match or (spec != "init" and int(spec.split(":")[1]) < 1):
-            raise ValueError("must be init, epoch:K or iter:K with K >= 1")
+        if not match or (":" in spec and int(spec.split(":")[1]) < 1):
+            raise ValueError("must be init, epoch:K or iter:K with K >= 1, or none")
         return spec
+
+    @field_validator("structures")
+    @classmethod
+    def _some_structures(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        if not kinds or any(kind not in KINDS for kind in kinds):
+            raise ValueError(f"must name one or more of {', '.join(KINDS)}")
+        return tuple(kind for kind in KINDS if kind in kinds)  # one order, whatever the order given
 
     @model_validator(mode="after")
     def _one_schedule(self):
         if self.target is not None and self.rate is not None:
             raise ValueError("give exactly one of target and rate")
+        return self
+
+    @model_validator(mode="after")
+    def _structures_need_channels(self):
+        fields = ImpSettings.model_fields
+        changed = [name for name in ("structures", "importance") if getattr(self, name) != fields[name].default]
+        if changed and self.granularity != "channel":
+            raise ValueError(f"{' and '.join(changed)} only apply with granularity channel")
         return self
 
     def validate(self) -> "ImpSettings":
@@ -67,9 +96,15 @@ class ImpSettings(Settings):
         return M.sparsity_schedule(self.rounds, target=self.target, rate=self.rate)
 
     def to_dict(self) -> dict:
-        """The run's identity as stored in every round (exactly these keys: older stores compare against them)."""
-        data = {name: getattr(self, name) for name in ImpSettings.model_fields}
+        """The run's identity as stored in every round. Older stores recorded rounds, target, rate, scope, exclude,
+        rewind, epochs_per_round, search_timesteps and seed; a later field joins only when it is not at its default,
+        so that a run those stores hold still compares equal."""
+        data = {name: getattr(self, name) for name in ImpSettings.model_fields if name not in _LATER_FIELDS}
         data["exclude"] = list(self.exclude)
+        for name in _LATER_FIELDS:
+            value = getattr(self, name)
+            if value != ImpSettings.model_fields[name].default:
+                data[name] = list(value) if isinstance(value, tuple) else value
         return data
 
 
@@ -90,12 +125,12 @@ class ImpCommandSettings(ImpSettings):
 
 
 def parse_rewind(spec: str) -> tuple[str, int]:
-    """`init` -> ("init", 0); `epoch:K` -> ("epoch", K); `iter:K` -> ("iter", K)."""
+    """`init` -> ("init", 0); `none` -> ("none", 0); `epoch:K` -> ("epoch", K); `iter:K` -> ("iter", K)."""
     match = _REWIND_RE.match(spec or "")
     if not match:
-        raise SpkpruneError(f"invalid --rewind {spec!r}; use init, epoch:K or iter:K (K a whole number)")
-    if spec == "init":
-        return "init", 0
+        raise SpkpruneError(f"invalid --rewind {spec!r}; use init, none, epoch:K or iter:K (K a whole number)")
+    if spec in ("init", "none"):
+        return spec, 0
     kind, value = spec.split(":")
     if int(value) < 1:
         raise SpkpruneError(f"--rewind {spec}: K must be at least 1 (use init for the initial weights)")

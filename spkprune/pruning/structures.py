@@ -1,0 +1,166 @@
+"""The structures of a Spikformer that can be removed whole, and which of them a mask set removes.
+
+A structure (`Group`) owns slices of several coupled weights:
+
+- **heads** (layer `block.I.attn`, index h): output channels `h*d:(h+1)*d` of q, k and v (`d` = channels per head),
+  with their BatchNorm entries and neurons, and the same input columns of the output projection. Attention has no
+  softmax and a fixed scale (0.125), so head h's output depends only on its own q, k and v channels and reaches the
+  rest of the block only through those projection columns.
+- **mlp** (layer `block.I.mlp`, index j): output row j of fc1 with its BatchNorm entry and neuron, and input column j
+  of fc2.
+- **stem** (layer `patch_embed.proj_convS`, index j): output channel j of an inner patch-splitting convolution with
+  its BatchNorm entry, neuron and max-pool, and input channel j of the next convolution. The last convolution's
+  output is the embedding width of the residual stream, never a stem structure.
+
+A mask set removes a group when every producer row *and* every consumer column it owns is masked (False). The
+consumer columns are what make the removal exact: whatever the group's neurons fire (a bias or a BatchNorm shift can
+make a neuron fire with its weights at zero), it is multiplied by zero weights downstream, so the masked model computes
+exactly what the model without the structure computes, and the structure can later be cut out physically. BatchNorm
+entries are read for importance only; masks cover `prunable_weights()` (conv and linear weights), nothing else.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from spkprune.models.spikformer import MLP, SPS, SSA
+
+KINDS = ("heads", "mlp", "stem")
+NOUNS = {"heads": "head", "mlp": "hidden channel", "stem": "channel"}
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Entries `start:stop` along dimension `dim` of the tensor `key` (0: output rows, 1: input columns)."""
+
+    key: str
+    dim: int
+    start: int
+    stop: int
+
+    def index(self) -> tuple[slice, ...]:
+        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One removable structure: the weight slices a mask removes and its BatchNorm scales (read-only)."""
+
+    kind: str  # heads | mlp | stem
+    layer: str  # module path: block.0.attn, block.0.mlp, patch_embed.proj_conv1
+    index: int
+    weights: tuple[Slice, ...]  # producer rows, then consumer columns
+    norms: tuple[Slice, ...]  # BatchNorm gamma entries of the producer channels
+
+    @property
+    def keys(self) -> set[str]:
+        return {piece.key for piece in self.weights}
+
+
+# ---------------------------------------------------------------------------------------------- finding them
+def structure_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Group]:
+    """Every structure of `kinds` in `model`, in module order (stem, then per block heads and MLP channels)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    groups: list[Group] = []
+    for path, module in model.named_modules():
+        if isinstance(module, SPS) and "stem" in kinds:
+            groups += _stem_groups(module, names)
+        elif isinstance(module, SSA) and "heads" in kinds:
+            groups += _head_groups(path, module, names)
+        elif isinstance(module, MLP) and "mlp" in kinds:
+            groups += _mlp_groups(path, module, names)
+    return groups
+
+
+def _weight(module: nn.Module, names: dict[int, str]) -> str:
+    return f"{names[id(module)]}.weight"
+
+
+def _head_groups(path: str, attn: SSA, names: dict[int, str]) -> list[Group]:
+    producers = [(_weight(attn.weight_layer(p), names), _weight(getattr(attn, f"{p}_bn"), names)) for p in "qkv"]
+    proj = _weight(attn.weight_layer("proj"), names)
+    width = attn.weight_layer("q").weight.shape[0] // attn.num_heads
+    return [_group("heads", path, h, producers, [proj], h * width, (h + 1) * width) for h in range(attn.num_heads)]
+
+
+def _mlp_groups(path: str, mlp: MLP, names: dict[int, str]) -> list[Group]:
+    fc1 = mlp.weight_layer("fc1")
+    producers = [(_weight(fc1, names), _weight(mlp.fc1_bn, names))]
+    fc2 = _weight(mlp.weight_layer("fc2"), names)
+    return [_group("mlp", path, j, producers, [fc2], j, j + 1) for j in range(fc1.weight.shape[0])]
+
+
+def _stem_groups(sps: SPS, names: dict[int, str]) -> list[Group]:
+    stages = [  # proj_conv, proj_conv1, ... in forward order, each with its BatchNorm
+        (conv, getattr(sps, name.replace("proj_conv", "proj_bn")))
+        for name, conv in sps.named_children()
+        if name.startswith("proj_conv")
+    ]
+    groups = []
+    for (conv, bn), (following, _) in zip(stages, stages[1:]):  # the last stage's output is the embedding width
+        producers = [(_weight(conv, names), _weight(bn, names))]
+        layer = names[id(conv)]
+        groups += [_group("stem", layer, j, producers, [_weight(following, names)], j, j + 1)
+                   for j in range(conv.weight.shape[0])]
+    return groups
+
+
+def _group(kind, layer, index, producers, consumers, start, stop) -> Group:
+    rows = tuple(Slice(weight, 0, start, stop) for weight, _ in producers)
+    columns = tuple(Slice(key, 1, start, stop) for key in consumers)
+    norms = tuple(Slice(bn, 0, start, stop) for _, bn in producers)
+    return Group(kind, layer, index, rows + columns, norms)
+
+
+def eligible_groups(groups: Iterable[Group], keys: Iterable[str]) -> list[Group]:
+    """The groups whose every weight is eligible (a group touching an excluded weight is never pruned)."""
+    allowed = set(keys)
+    return [group for group in groups if group.keys <= allowed]
+
+
+def by_layer(groups: Iterable[Group]) -> dict[tuple[str, str], list[Group]]:
+    """Groups by (kind, layer), in order."""
+    layers: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for group in groups:
+        layers[(group.kind, group.layer)].append(group)
+    return dict(layers)
+
+
+# ------------------------------------------------------------------------------------------ what masks remove
+def owned_values(group: Group, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Every weight entry the group owns, flattened (producer rows, then consumer columns)."""
+    return torch.cat([tensors[piece.key][piece.index()].flatten() for piece in group.weights])
+
+
+def norm_scales(group: Group, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The BatchNorm scales (gamma) of the group's producer channels, flattened."""
+    return torch.cat([state_dict[piece.key][piece.index()].flatten() for piece in group.norms])
+
+
+def is_removed(group: Group, masks: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `masks` prune every weight the group owns (a weight without a mask is not pruned)."""
+    return all(piece.key in masks and not bool(masks[piece.key][piece.index()].any()) for piece in group.weights)
+
+
+def remove(masks: Mapping[str, torch.Tensor], groups: Iterable[Group]) -> dict[str, torch.Tensor]:
+    """A copy of `masks` that also prunes every weight of `groups` (masks only shrink)."""
+    out = {key: mask.clone() for key, mask in masks.items()}
+    for group in groups:
+        for piece in group.weights:
+            out[piece.key][piece.index()] = False
+    return out
+
+
+def removed_structures(groups: Iterable[Group], masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
+    """`{kind: {layer: [indices removed]}}` for every kind among `groups`; layers with none removed are left out."""
+    found: dict[str, dict[str, list[int]]] = {}
+    for group in groups:
+        layers = found.setdefault(group.kind, {})
+        if is_removed(group, masks):
+            layers.setdefault(group.layer, []).append(group.index)
+    return found
