@@ -51,8 +51,7 @@ class WeightPruning:
     def describe(self, masks: Mapping[str, torch.Tensor]) -> dict:
         """What a round's `meta["imp"]` says about its masks (and the structures they remove whole, if any)."""
         removed = removed_structures(self.structures, masks)
-        gone = any(layers for layers in removed.values())
-        return {"granularity": "weight", **({"structures_removed": removed} if gone else {})}
+        return {"granularity": "weight", **({"structures_removed": removed} if removed else {})}
 
     def summary(self, masks: Mapping[str, torch.Tensor]) -> str:
         ranked = {key: masks[key] for key in self.eligible}

@@ -61,6 +61,12 @@ class Group:
     def keys(self) -> set[str]:
         return {piece.key for piece in self.weights}
 
+    @property
+    def place(self) -> str:
+        """Where the structure sits, as `spkprune compact` names it: `block.I` for heads and MLP channels, the
+        convolution's path for stem channels."""
+        return self.layer if self.kind == "stem" else self.layer.rsplit(".", 1)[0]
+
 
 # ---------------------------------------------------------------------------------------------- finding them
 def structure_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Group]:
@@ -157,10 +163,11 @@ def remove(masks: Mapping[str, torch.Tensor], groups: Iterable[Group]) -> dict[s
 
 
 def removed_structures(groups: Iterable[Group], masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, list[int]]]:
-    """`{kind: {layer: [indices removed]}}` for every kind among `groups`; layers with none removed are left out."""
+    """The groups `masks` remove, `{kind: {place: [indices]}}` in the shape of `spkprune compact`'s record:
+    `{"heads": {"block.0": [1, 3]}, "mlp": {"block.1": [...]}, "stem": {"patch_embed.proj_conv1": [...]}}`.
+    Kinds and places with nothing removed are left out."""
     found: dict[str, dict[str, list[int]]] = {}
     for group in groups:
-        layers = found.setdefault(group.kind, {})
         if is_removed(group, masks):
-            layers.setdefault(group.layer, []).append(group.index)
+            found.setdefault(group.kind, {}).setdefault(group.place, []).append(group.index)
     return found
