@@ -157,6 +157,18 @@ def _recipe(body: str) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _trained_digits(tmp: Path, store: Path) -> None:
+    """`dense` and `dense@init`: a digits checkpoint with a training configuration, as imp needs it."""
+    from spkprune.checkpoint import Checkpoint, save_checkpoint
+    from spkprune.models import create_model
+    from spkprune.training import TrainConfig
+
+    model = create_model(DIGITS)
+    meta = {"arch": DIGITS, "config": model.config.to_dict(), "selector": None, "train": TrainConfig().to_dict()}
+    for tag in ("init", "main"):
+        save_checkpoint(Store.open(store), "dense", tag, Checkpoint(model.state_dict(), {}, meta))
+
+
 _FLOPS = ("flops", "report", "spikformer-4-384-cifar10", "--dataset", "cifar10", "--data-dir", "{tmp}/data")
 _NOT_A_BATCH = r"is not a CIFAR python batch file"
 _REFUSED = _NOT_A_BATCH + r": it pickles {}, which the data set never holds \(refused without running it\); re-download"
@@ -233,6 +245,20 @@ CASES = [
     BadInput("bench-save-a-preset", ("bench", DIGITS, "--save"),
              r"--save keeps the result with checkpoints in the store"),
     BadInput("bench-missing-ref", ("bench",), r"^error: bench: missing argument 'REF' \(see spkprune bench --help\)$"),
+    # Structured pruning (spkprune imp --granularity channel): checked before round 0 is written.
+    BadInput("imp-structures-bogus", ("imp", "net", "--name", "t", "--granularity", "channel", "--structures", "bogus"),
+             r"^error: --structures: must name one or more of heads, mlp, stem \(got 'bogus'\)$"),
+    BadInput("imp-structures-without-channel", ("imp", "net", "--name", "t", "--structures", "heads"),
+             r"^error: structures only apply with granularity channel$"),
+    BadInput("imp-channel-every-head-of-a-layer",
+             ("imp", "dense", "--name", "t", "--granularity", "channel", "--structures", "heads", "--scope", "layerwise",
+              "--rounds", "2", "--target", "0.9"),
+             r"level 0\.9 would remove every head of block\.0\.attn \(4 of 4\); each layer keeps at least one",
+             _trained_digits),
+    BadInput("imp-channel-more-heads-than-can-go",
+             ("imp", "dense", "--name", "t", "--granularity", "channel", "--structures", "heads", "--target", "0.9"),
+             r"would remove 7 of the 8 structures \(heads\), but each layer keeps at least one .* at most 6 can go",
+             _trained_digits),
     # Usage mistakes: one line in the same format, not click's usage box.
     BadInput("missing-argument", ("imp",), r"^error: imp: missing argument 'REF' \(see spkprune imp --help\)$"),
     BadInput("not-an-integer", ("imp", "net", "--name", "t", "--rounds", "five"), r"^error: imp: invalid value for '--rounds'"),
