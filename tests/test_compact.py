@@ -22,7 +22,10 @@ from spkprune.models import fastpath
 from spkprune.models.lif_kernels import charge_in_place
 from spkprune.models.neurons import LIF
 from spkprune.models.presets import SpikformerConfig
+from spkprune.models.selector import attach_selectors, selector_config
 from spkprune.store import Store
+from spkprune.training.jobs import run_evaluate, run_train
+from spkprune.training.settings import EvaluateSettings, TrainSettings
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "spikformer-small"
 CIFAR, DIGITS = "spikformer-4-384-cifar10", "spikformer-2-64-digits"
@@ -275,3 +278,35 @@ def test_compact_in_the_store_export_and_count(tmp_path):
     dense = count_operations(build_model(masked).eval(), masks=masked.masks)
     assert small["totals"]["dense_macs"] < dense["totals"]["dense_macs"]
     assert small["totals"]["nonzero_macs"] == pytest.approx(dense["totals"]["nonzero_macs"], rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------- fewer time steps
+def _with_selector(ckpt: Checkpoint) -> Checkpoint:
+    model = build_model(ckpt)
+    attach_selectors(model, {"locations": [1], "keep": 0.7, "scorer": "learned"})
+    return Checkpoint(model.state_dict(), ckpt.masks, {**ckpt.meta, "selector": selector_config(model)}, ckpt.ref)
+
+
+@pytest.mark.slow  # three short training runs: about 20 s
+def test_a_ticket_with_a_selector_compacts_and_all_three_fine_tune_at_fewer_time_steps(tmp_path):
+    model = firing_digits()
+    store = Store.open(tmp_path / "store", create=True)
+    ticket = _masked_checkpoint(model, _digits_masks(model))
+    save_checkpoint(store, "ticket", "main", ticket)
+    selected = _with_selector(ticket)
+    save_checkpoint(store, "selected", "main", selected)
+    compacted = run_compact(store, CompactSettings(ref="selected", name="small"))
+    assert_same_outputs(selected, compacted.compaction, get_dataset("digits", "test").images[:32])
+
+    for source in ("ticket", "selected", "small"):
+        settings = TrainSettings(init=source, timesteps=2, epochs=1, limit_batches=2, name=f"{source}-t2")
+        run_train(store, settings, progress=False)
+        before, after = load_checkpoint(source, store), load_checkpoint(f"{source}-t2", store)
+        assert after.meta["config"]["timesteps"] == 2
+        assert {k: v for k, v in after.meta["config"].items() if k != "timesteps"} == \
+            {k: v for k, v in before.meta["config"].items() if k != "timesteps"}
+        assert after.meta["selector"] == before.meta.get("selector")
+        assert after.masks.keys() == before.masks.keys()
+        for key, mask in after.masks.items():
+            assert torch.equal(mask, before.masks[key]) and not after.state_dict[key][~mask].any(), key
+        assert run_evaluate(store, EvaluateSettings(ref=f"{source}-t2"))["timesteps"] == 2

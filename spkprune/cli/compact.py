@@ -31,9 +31,19 @@ def _widths(outcome: CompactOutcome) -> pd.DataFrame:
     rows = []
     for kind, places in outcome.compaction.removed.items():
         for place, indices in places.items():
-            rows.append({"kind": KINDS[kind], "where": place, "removed": len(indices),
-                         "indices": ",".join(map(str, indices))})
+            rows.append({"kind": KINDS[kind], "where": place, "removed": len(indices), "indices": _ranges(indices)})
     return pd.DataFrame(rows, columns=["kind", "where", "removed", "indices"])
+
+
+def _ranges(indices: list[int]) -> str:
+    """`0-9,12,14-15`: removed indices as runs."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _summary(outcome: CompactOutcome) -> dict:

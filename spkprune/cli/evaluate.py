@@ -21,7 +21,8 @@ def evaluate_command(ctx: typer.Context, settings: EvaluateSettings, fmt: str) -
     rows = pd.DataFrame(
         [{"site": site, "firing_rate": rate} for site, rate in report["firing"].items()], columns=["site", "firing_rate"]
     )
-    summary = {k: report[k] for k in ("ref", "dataset", "samples", "top1", "top5", "loss", "tokens_per_block")}
+    summary = {k: report[k] for k in ("ref", "dataset", "timesteps", "samples", "top1", "top5", "loss",
+                                      "tokens_per_block")}
     if fmt in ("table", "md"):
         stderr.print(f"evaluated {report['ref']} on {report['dataset']} test ({report['samples']} samples)")
     render_frame(rows, fmt, title=f"{report['ref']} firing rates", extra=summary)

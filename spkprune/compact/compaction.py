@@ -19,7 +19,7 @@ _STALE_META = ("sparsity", "flops", "created", "parent", "compacted")
 
 @dataclass
 class Compaction:
-    checkpoint: Checkpoint  # the compacted weights, the masks left on kept weights, meta with "compacted"
+    checkpoint: Checkpoint  # the compacted weights, the masks that still prune kept weights, meta with "compacted"
     model: nn.Module  # the compacted model, weights loaded strictly
     removed: dict[str, dict[str, list[int]]]  # kind -> place -> removed indices
     params_before: int
@@ -51,6 +51,7 @@ def compact_checkpoint(ckpt: Checkpoint) -> Compaction:
             "can change its outputs (prune whole heads or channels, or prune further, then compact)"
         )
     state_dict, masks = cut(model, weights, dict(ckpt.masks), plan)
+    masks = {key: mask for key, mask in masks.items() if not bool(mask.all())}  # nothing pruned: no mask needed
     config = plan.widths(model.config)
     meta = {key: value for key, value in ckpt.meta.items() if key not in _STALE_META}
     meta["config"] = config.to_dict()

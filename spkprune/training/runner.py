@@ -28,7 +28,7 @@ from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint, save_c
 from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.models import create_model
-from spkprune.models.selector import tokens_per_block
+from spkprune.models.selector import selector_config, tokens_per_block
 from spkprune.store import Artifact, Store, check_name
 from spkprune.training import distributed
 from spkprune.training.config import TrainConfig
@@ -109,10 +109,9 @@ def _initial_model(store, arch, init, overrides) -> tuple[nn.Module, dict, str |
     if arch is not None and ckpt.arch not in (None, arch):
         raise SpkpruneError(f"--init {init} is a {ckpt.arch} checkpoint, not {arch}; drop --arch or change it")
     model = build_model(ckpt, arch=arch)
-    if overrides:
-        rebuilt = create_model(ckpt.arch or arch, **{**model.config.to_dict(), **overrides})
-        rebuilt.load_state_dict(model.state_dict(), strict=True)
-        model = rebuilt
+    if overrides:  # e.g. fewer time steps: the same weights, masks, token selectors and widths per block
+        config = {**model.config.to_dict(), **overrides}
+        model = build_model(dataclasses.replace(ckpt, meta={**ckpt.meta, "arch": ckpt.arch or arch, "config": config}))
     return model, dict(ckpt.masks), ckpt.ref
 
 
@@ -152,7 +151,7 @@ def train_to_store(
     meta = {
         "arch": model.preset or arch,
         "config": model.config.to_dict(),
-        "selector": None,
+        "selector": selector_config(model),
         "seed": cfg.seed,
         "train": cfg.to_dict(),
         "run": {"keep_epochs": sorted(set(keep_epochs)), "save_iters": sorted(set(save_iters)), "init": init},
@@ -241,8 +240,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Load `ref` (store reference, file, folder or hf://), evaluate it on the test split of its data set.
 
-    Returns `evaluate()`'s metrics plus `ref`, `dataset` and `tokens_per_block` (None for a model without token
-    selectors).
+    Returns `evaluate()`'s metrics plus `ref`, `dataset`, `timesteps` (the model's T) and `tokens_per_block` (None
+    for a model without token selectors).
     """
     store = None
     if store_path is not None and Path(store_path).is_dir():
@@ -260,4 +259,5 @@ def evaluate_checkpoint(
     data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps)
     metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device, compile=compile)
     tokens = tokens_per_block(model) if len(getattr(model, "token_selectors", {})) > 0 else None
-    return {"ref": ckpt.ref or ref, "dataset": dataset, **metrics, "tokens_per_block": tokens}
+    return {"ref": ckpt.ref or ref, "dataset": dataset, "timesteps": model.config.timesteps, **metrics,
+            "tokens_per_block": tokens}
