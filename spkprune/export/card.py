@@ -122,7 +122,7 @@ def _flops_section(flops: Any) -> str:
     return "\n".join(parts) + "\n" if len(parts) > 1 else ""
 
 
-_SPEED_COLUMNS = (("batch_size", "batch"), ("latency_ms", "latency ms (batch 1, median)"),
+_SPEED_COLUMNS = (("batch_size", "throughput batch"), ("latency_ms", "latency ms (batch 1, median)"),
                   ("latency_p90_ms", "p90 ms"), ("throughput", "images/s"), ("peak_memory_mb", "peak memory MB"),
                   ("speedup", "speed-up"), ("dense_macs", "dense MACs"), ("nonzero_macs", "nonzero MACs"))
 
