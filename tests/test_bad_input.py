@@ -259,6 +259,17 @@ CASES = [
              ("imp", "dense", "--name", "t", "--granularity", "channel", "--structures", "heads", "--target", "0.9"),
              r"would remove 7 of the 8 structures \(heads\), but each layer keeps at least one .* at most 6 can go",
              _trained_digits),
+    # Compaction and fewer time steps (spkprune compact, train --timesteps).
+    BadInput("compact-nothing-to-remove", ("compact", "dense", "--name", "small"),
+             r"^error: dense@main has nothing to remove: every attention head, MLP hidden channel and patch-splitting "
+             r"channel can change its outputs", _trained_digits),
+    BadInput("compact-name-taken", ("compact", "dense", "--name", "dense"),
+             r"^error: dense@main already exists in the store; choose another --name or pass --overwrite$", _trained_digits),
+    BadInput("compact-unknown-ref", ("compact", "nosuch", "--name", "small"), r"nosuch"),
+    BadInput("compact-missing-name", ("compact", "net"), r"^error: compact: missing option '--name'"),
+    BadInput("train-timesteps-0", ("train", "--name", "x", "--timesteps", "0"), r"^error: --timesteps: must be >= 1 \(got 0\)$"),
+    BadInput("train-init-timesteps-0", ("train", "--init", "dense", "--name", "x", "--timesteps", "0"),
+             r"^error: --timesteps: must be >= 1 \(got 0\)$", _trained_digits),
     # Usage mistakes: one line in the same format, not click's usage box.
     BadInput("missing-argument", ("imp",), r"^error: imp: missing argument 'REF' \(see spkprune imp --help\)$"),
     BadInput("not-an-integer", ("imp", "net", "--name", "t", "--rounds", "five"), r"^error: imp: invalid value for '--rounds'"),
