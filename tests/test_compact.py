@@ -270,6 +270,8 @@ def test_compact_in_the_store_export_and_count(tmp_path):
         run_compact(store, CompactSettings(ref="ticket", name="small"))
 
     folder = export_checkpoint("small", tmp_path / "export", store=store).folder
+    assert "- **compacted**: from ticket@main, removed 2 attention heads (block.0: 1, block.1: 1)" in \
+        (folder / "README.md").read_text()
     again = build_model(load_checkpoint(str(folder), None)).eval()
     x = get_dataset("digits", "test").images[:16]
     with torch.no_grad():

@@ -173,10 +173,34 @@ def _summary(meta: Mapping[str, Any], fmt: str, dtype: str) -> str:
         ("top-1 accuracy", _pct(metrics.get("top1"))),
         ("top-5 accuracy", _pct(metrics.get("top5"))),
         ("token selector", _selector_text(meta.get("selector"))),
+        ("compacted", _compacted_text(meta.get("compacted"), config)),
         ("weights file", f"`{SPARSE_FILE if fmt == 'sparse' else DENSE_FILE}` ({fmt}, {dtype}"
                          + (", lossy" if dtype != "float32" else "") + ")"),
     ]
     return "\n".join(f"- **{name}**: {value}" for name, value in facts if value not in (None, ""))
+
+
+_REMOVED = {"heads": "attention heads", "mlp": "MLP hidden channels", "stem": "patch-splitting channels"}
+_WIDTHS = {"block_heads": "heads per block", "block_mlp_hidden": "MLP hidden per block", "stem_channels": "stem channels"}
+
+
+def _compacted_text(compacted: Any, config: Mapping[str, Any]) -> str | None:
+    """What `spkprune compact` cut out (counts per kind and place), the widths left and the parameters."""
+    if not isinstance(compacted, Mapping) or not isinstance(compacted.get("removed"), Mapping):
+        return None
+    removed = [
+        f"{sum(len(v) for v in places.values())} {_REMOVED.get(kind, kind)} ("
+        + ", ".join(f"{place}: {len(indices)}" for place, indices in places.items()) + ")"
+        for kind, places in compacted["removed"].items() if isinstance(places, Mapping)
+    ]
+    widths = [f"{label} {config[key]}" for key, label in _WIDTHS.items() if config.get(key)]
+    text = f"from {compacted.get('from')}, removed " + "; ".join(removed) + " (same outputs as the masked model)"
+    if widths:
+        text += "; " + ", ".join(widths)
+    before, after = compacted.get("params_before"), compacted.get("params_after")
+    if isinstance(before, int) and isinstance(after, int):
+        text += f"; parameters {before:,} -> {after:,}"
+    return text
 
 
 def _selector_text(selector: Any) -> str | None:
