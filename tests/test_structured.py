@@ -21,6 +21,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.models import create_model
 from spkprune.pruning import imp as imp_mod
 from spkprune.pruning import masks as M
+from spkprune.pruning.granularity import WeightPruning
 from spkprune.pruning.imp import ImpSettings, run_imp
 from spkprune.pruning.structured import removal_count, structured_masks
 from spkprune.pruning.structures import (
@@ -187,6 +188,31 @@ def test_batchnorm_importance_removes_the_channels_with_the_smallest_scales():
     mlp = [g for g in structure_groups(model) if g.kind == "mlp"]
     masks = structured_masks(mlp, weights, _full_masks(model), 5 / len(mlp), "global", "bn")
     assert removed_structures(mlp, masks)["mlp"] == {"block.1": [5, 6, 7, 8, 9]}
+
+
+def test_weight_pruning_of_a_structured_source_keeps_what_is_pruned_beyond_the_level():
+    torch.manual_seed(4)
+    model = create_model(DIGITS)
+    weights, keys = model.state_dict(), list(model.prunable_weights())
+    mlp = [g for g in structure_groups(model) if g.kind == "mlp"]
+    source = structured_masks(mlp, weights, _full_masks(model), 0.6, "layerwise")  # fc1 and fc2: 60 % pruned
+    weights = M.apply_masks(weights, source)
+    for scope in ("layerwise", "global"):
+        pruning = WeightPruning(keys, scope, structure_groups(model))
+        masks = pruning.prune(weights, source, 0.3)
+        assert all(not (masks[k] & ~source[k]).any() for k in keys)
+        if scope == "global":  # 24.6 % pruned already, so the level is reached exactly
+            assert M.count_pruned(masks) == M.pruned_count(sum(m.numel() for m in masks.values()), 0.3)
+            continue
+        for key in keys:
+            share = M.count_pruned({key: masks[key]}) / masks[key].numel()
+            if "mlp" in key:  # pruned beyond 0.3 already: unchanged
+                assert torch.equal(masks[key], source[key])
+            else:
+                assert share == pytest.approx(0.3, abs=1 / masks[key].numel())
+    unchanged = WeightPruning(keys, "global", structure_groups(model)).prune(weights, source, 0.2)
+    assert M.mask_checksum(unchanged) == M.mask_checksum(source)  # a level below what is pruned changes nothing
+    assert pruning.describe(source)["structures_removed"]["mlp"] == removed_structures(mlp, source)["mlp"]
 
 
 def test_the_identity_of_weight_runs_is_the_one_older_stores_recorded():

@@ -41,8 +41,14 @@ class WeightPruning:
             )
 
     def prune(self, state_dict: Mapping[str, torch.Tensor], masks: Masks, level: float) -> Masks:
+        """Round `level`'s masks; what a pruned source prunes beyond `level` already stays as it is."""
         ranked = {key: masks[key] for key in self.eligible}
-        return {**masks, **M.magnitude_masks(state_dict, ranked, level, self.scope)}
+        if self.scope == "layerwise":
+            ranked = {key: mask for key, mask in ranked.items()
+                      if M.pruned_count(mask.numel(), level) > M.count_pruned({key: mask})}
+        elif M.pruned_count(sum(mask.numel() for mask in ranked.values()), level) <= M.count_pruned(ranked):
+            ranked = {}
+        return {**masks, **(M.magnitude_masks(state_dict, ranked, level, self.scope) if ranked else {})}
 
     def random_like(self, base: Masks, ticket: Masks, seed: int) -> Masks:
         """The random-prune control: random masks with the ticket's per-tensor counts."""
@@ -93,7 +99,10 @@ class ChannelPruning:
         return sum(is_removed(group, masks) for group in self.groups)
 
 
-def pruning_strategy(settings: ImpSettings, structures: Sequence[Group], eligible: list[str]) -> WeightPruning | ChannelPruning:
+Pruning = WeightPruning | ChannelPruning
+
+
+def pruning_strategy(settings: ImpSettings, structures: Sequence[Group], eligible: list[str]) -> Pruning:
     """The strategy `settings` choose, over the `eligible` weights of a model with `structures`."""
     if settings.granularity == "weight":
         return WeightPruning(eligible, settings.scope, structures)

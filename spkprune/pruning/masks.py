@@ -115,8 +115,7 @@ def magnitude_masks(
 
     `global`: one ranking over all masked weights (`round(total * sparsity)` pruned in all);
     `layerwise`: each tensor ranked on its own (`round(numel * sparsity)` pruned per tensor).
-    Already-pruned entries stay pruned: where more are pruned already than `sparsity` asks (a source pruned before,
-    e.g. by structure), the masks stay as they are.
+    Already-pruned entries stay pruned (sparsity must not decrease).
     """
     if scope not in SCOPES:
         raise SpkpruneError(f"unknown --scope {scope!r}; choose global or layerwise")
@@ -124,12 +123,16 @@ def magnitude_masks(
     if scope == "layerwise":
         out = {}
         for key, score in scores.items():
-            n = max(pruned_count(score.numel(), sparsity), int((~masks[key]).sum()))
+            n = pruned_count(score.numel(), sparsity)
+            _check_monotone(masks[key], n, key)
             out[key] = _mask_pruning(score.shape, _lowest(score, n))
         return out
     keys = list(scores)
     flat = torch.cat([scores[k].flatten() for k in keys])
-    n = max(pruned_count(flat.numel(), sparsity), count_pruned(masks))
+    n = pruned_count(flat.numel(), sparsity)
+    already = sum(int((~masks[k]).sum()) for k in keys)
+    if n < already:
+        raise ValueError(f"sparsity {sparsity} prunes {n} weights but {already} are pruned already")
     pruned = torch.zeros(flat.numel(), dtype=torch.bool)
     pruned[_lowest(flat, n)] = True
     out, start = {}, 0
@@ -138,6 +141,12 @@ def magnitude_masks(
         out[key] = ~pruned[start : start + size].view(scores[key].shape)
         start += size
     return out
+
+
+def _check_monotone(mask: torch.Tensor, n: int, key: str) -> None:
+    already = int((~mask).sum())
+    if n < already:
+        raise ValueError(f"{key}: sparsity prunes {n} weights but {already} are pruned already")
 
 
 def random_masks_like(masks: Mapping[str, torch.Tensor], seed: int) -> Masks:
