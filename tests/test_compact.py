@@ -66,7 +66,9 @@ def test_widths_round_trip_and_every_variant_runs_on_every_path(preset):
 
 def test_uniform_configs_are_unchanged_and_bad_widths_are_refused():
     assert spkprune.get_config(DIGITS).to_dict()["block_heads"] is None
-    assert spkprune.create_model(DIGITS).state_dict().keys() == spkprune.create_model(DIGITS, block_heads=[4, 4]).state_dict().keys()
+    uniform = spkprune.create_model(DIGITS, block_heads=[4, 4], block_mlp_hidden=[256, 256], stem_channels=[8, 16, 32])
+    assert {k: v.shape for k, v in uniform.state_dict().items()} == \
+        {k: v.shape for k, v in spkprune.create_model(DIGITS).state_dict().items()}
     with pytest.raises(SpkpruneError, match="block_heads must be 2 whole numbers >= 1"):
         spkprune.get_config(DIGITS, block_heads=[1, 2, 3])
     with pytest.raises(SpkpruneError, match="stem_channels must be 3 whole numbers >= 1"):

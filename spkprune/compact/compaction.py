@@ -32,8 +32,8 @@ def parameter_count(model: nn.Module) -> int:
 
 def removed_summary(removed: dict[str, dict[str, list[int]]]) -> str:
     """`3 attention heads, 120 MLP hidden channels` (kinds with nothing removed left out)."""
-    parts = [f"{sum(len(v) for v in removed[kind].values())} {label}" for kind, label in KINDS.items() if kind in removed]
-    return ", ".join(parts)
+    counts = {kind: sum(len(indices) for indices in places.values()) for kind, places in removed.items()}
+    return ", ".join(f"{counts[kind]} {label}" for kind, label in KINDS.items() if kind in counts)
 
 
 @torch.no_grad()

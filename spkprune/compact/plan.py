@@ -110,7 +110,8 @@ def _mlp(mlp: nn.Module) -> list[int]:
 
 def _stem_stage(sps: nn.Module, stage: int, inputs: list[int], readers: list[int], among: list[int]) -> list[int]:
     """Kept channels of stem stage `stage`, given the kept input channels and the kept rows of the next conv."""
-    conv, reader = getattr(sps, f"proj_conv{STEM_SUFFIXES[stage]}"), getattr(sps, f"proj_conv{STEM_SUFFIXES[stage + 1]}")
+    conv = getattr(sps, f"proj_conv{STEM_SUFFIXES[stage]}")
+    reader = getattr(sps, f"proj_conv{STEM_SUFFIXES[stage + 1]}")
     without_input = (conv.weight.detach()[:, inputs].flatten(1) == 0).all(1)
     silent = silent_channels(conv, getattr(sps, f"proj_bn{STEM_SUFFIXES[stage]}"),
                              getattr(sps, f"proj_lif{STEM_SUFFIXES[stage]}"), without_input)

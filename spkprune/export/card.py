@@ -181,7 +181,8 @@ def _summary(meta: Mapping[str, Any], fmt: str, dtype: str) -> str:
 
 
 _REMOVED = {"heads": "attention heads", "mlp": "MLP hidden channels", "stem": "patch-splitting channels"}
-_WIDTHS = {"block_heads": "heads per block", "block_mlp_hidden": "MLP hidden per block", "stem_channels": "stem channels"}
+_WIDTHS = {"block_heads": "heads per block", "block_mlp_hidden": "MLP hidden per block",
+           "stem_channels": "stem channels"}
 
 
 def _compacted_text(compacted: Any, config: Mapping[str, Any]) -> str | None:
