@@ -314,3 +314,26 @@ def test_a_ticket_with_a_selector_compacts_and_all_three_fine_tune_at_fewer_time
         for key, mask in after.masks.items():
             assert torch.equal(mask, before.masks[key]) and not after.state_dict[key][~mask].any(), key
         assert run_evaluate(store, EvaluateSettings(ref=f"{source}-t2"))["timesteps"] == 2
+
+
+@pytest.mark.parametrize("preset, small", [
+    ("spikformer-2-256-cifar10dvs", dict(img_size=32, num_pools=2, timesteps=2)),
+    ("spikformer-8-384-imagenet", dict(img_size=32, depth=2, timesteps=2)),
+])
+def test_the_dvs_and_imagenet_variants_compact_exactly(preset, small):
+    torch.manual_seed(0)
+    model = spkprune.create_model(preset, **small).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.bias.normal_(1.0, 1.0)
+    masks = {k: torch.ones_like(w, dtype=torch.bool) for k, w in model.prunable_weights().items()}
+    d, conv = model.config.head_dim, "conv"
+    _zero(masks, f"block.0.attn.proj_{conv}.weight", (slice(None), slice(0, d)))
+    _zero(masks, f"block.1.mlp.fc2_{conv}.weight", (slice(None), slice(0, 40)))
+    _zero(masks, "patch_embed.proj_conv2.weight", (slice(None), slice(0, 5)))
+    masked = _masked_checkpoint(model, masks)
+    compaction = compact_checkpoint(masked)
+    assert compaction.removed == {"heads": {"block.0": [0]}, "mlp": {"block.1": list(range(40))},
+                                  "stem": {"patch_embed.proj_conv1": list(range(5))}}
+    assert_same_outputs(masked, compaction, _input(model, batch=4))
