@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from spkprune.checkpoint import Checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.cli.options import PRESENTATION
+from spkprune.compact.settings import CompactSettings
 from spkprune.counting.settings import FlopsSettings
 from spkprune.errors import SpkpruneError
 from spkprune.export.settings import ExportSettings
@@ -31,6 +32,7 @@ COMMANDS = {
     ("select-tokens",): SelectTokensSettings,
     ("flops", "report"): FlopsSettings,
     ("export",): ExportSettings,
+    ("compact",): CompactSettings,
 }
 
 

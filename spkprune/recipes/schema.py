@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from pydantic.fields import FieldInfo
 
+from spkprune.compact.settings import CompactSettings
 from spkprune.counting.settings import FlopsSettings
 from spkprune.export.settings import ExportSettings
 from spkprune.pruning.settings import ImpCommandSettings
@@ -93,6 +94,11 @@ STAGE_TYPES: dict[str, StageType] = {
         "select-tokens", SelectTokensSettings, stages.run_select_tokens,
         summary="attach the spiking token selector and fine-tune it (CE + keep-ratio MSE + KL from `teacher`)",
         inherits={"seed": "seed"}, output="checkpoint",
+    ),
+    "compact": StageType(
+        "compact", CompactSettings, stages.run_compact,
+        summary="cut out the heads and channels the masks removed: a smaller dense model, the same outputs",
+        output="checkpoint",
     ),
     "evaluate": StageType(
         "evaluate", EvaluateSettings, stages.run_evaluate,

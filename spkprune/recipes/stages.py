@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from spkprune.compact.jobs import run_compact as compact_job
 from spkprune.counting.jobs import flops_report
 from spkprune.errors import SpkpruneError
 from spkprune.export.jobs import run_export as export_job
@@ -41,6 +42,11 @@ def run_select_tokens(store: Store, settings, *, progress: bool, log: Log) -> di
     if outcome.analysis is not None:
         result["plots"] = sorted(str(path) for path in outcome.analysis.pictures.values())
     return result
+
+
+def run_compact(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    outcome = compact_job(store, settings)
+    return artifact_result(outcome.artifact)
 
 
 def run_evaluate(store: Store, settings, *, progress: bool, log: Log) -> dict:
