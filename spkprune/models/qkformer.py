@@ -1,0 +1,400 @@
+"""QKFormer (Zhou et al., NeurIPS 2024), faithful to the original code and checkpoint-compatible.
+
+Module names, parameter shapes and the order of operations follow `zhouchenlin2096/QKFormer` (commit c2a00e8). Its
+three model files differ in more than size; `QKFormerConfig.variant` names the one followed:
+
+- `"cifar"`: `cifar10/model.py` (= `cifar100/model.py`): stages of widths C/4, C/2, C with 1, 1, `depth - 2`
+  blocks; the first patch embedding keeps the image size, the next two halve it.
+- `"dvs"`: `cifar10-dvs/model.py` (= `dvs128-gesture/model.py`): stages of widths C/2, C with one block each (the
+  original ignores `depths`); the first patch embedding shrinks the frames 8 times.
+- `"imagenet"`: `imagenet/qkformer.py`: widths C/4, C/2, C with 1, 2, `depth - 3` blocks; the first patch embedding
+  shrinks the image 4 times; `fc1`/`fc2` and `attn` where the other files say `mlp1`/`mlp2` and `ssa`.
+
+The early stages use Q-K token attention (`tssa`); the last uses Spikformer's self-attention (`ssa`). Attention and
+MLP end with a neuron, so the residual stream carries sums of spikes; each patch embedding adds a 1x1-conv shortcut
+branch ("deformed shortcut") to its main branch, both ending in neurons.
+
+Reproduced on purpose: the last stage's `proj_lif` gets `[T*B, C, N]` and so runs over T*B "time steps" (t0 b0, t0 b1,
+..., t1 b0, ...): its membrane carries from sample to sample, so (as in the original) a sample's logits depend on
+the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from spkprune.errors import SpkpruneError
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.spikformer import check_state_dict
+
+VARIANTS = ("cifar", "dvs", "imagenet")
+SSA_SCALE = 0.125  # the original's fixed scale, whatever the head width
+
+
+class ConvUnit(NamedTuple):
+    """One `<prefix>_conv` (3x3) -> `<prefix>_bn` -> optional max-pool -> `<prefix>_lif` of a patch embedding."""
+
+    prefix: str
+    width_divisor: int  # output channels = stage width // width_divisor
+    pool: str | None  # attribute name of the 3x3 stride-2 max-pool between BatchNorm and neuron, if any
+
+
+class EmbedSpec(NamedTuple):
+    units: tuple[ConvUnit, ...]
+    shortcut_from: int | None  # the unit whose spikes feed `proj_res_conv`; None: the embedding's input
+    shortcut_stride: int
+
+
+_FIRST_EMBED = {  # the original's `PatchEmbedInit`
+    "cifar": EmbedSpec((ConvUnit("proj", 2, None), ConvUnit("proj1", 1, None)), shortcut_from=0, shortcut_stride=1),
+    "dvs": EmbedSpec(
+        (ConvUnit("proj", 8, None), ConvUnit("proj1", 4, "maxpool1"), ConvUnit("proj2", 2, "maxpool2"),
+         ConvUnit("proj3", 1, "maxpool3")),
+        shortcut_from=1, shortcut_stride=4,
+    ),
+    "imagenet": EmbedSpec(
+        (ConvUnit("proj", 2, "proj_maxpool"), ConvUnit("proj1", 1, "proj1_maxpool"), ConvUnit("proj2", 1, None)),
+        shortcut_from=0, shortcut_stride=2,
+    ),
+}
+_NEXT_EMBED = {  # the original's `PatchEmbeddingStage`: halves the grid, doubles the width
+    "cifar": EmbedSpec((ConvUnit("proj3", 1, None), ConvUnit("proj4", 1, "proj4_maxpool")), None, 2),
+    "dvs": EmbedSpec((ConvUnit("proj", 1, None), ConvUnit("proj4", 1, "proj4_maxpool")), None, 2),
+    "imagenet": EmbedSpec((ConvUnit("proj3", 1, "proj3_maxpool"), ConvUnit("proj4", 1, None)), None, 2),
+}
+_FIRST_EMBED_SHRINK = {"cifar": 1, "dvs": 8, "imagenet": 4}
+
+
+@dataclass(frozen=True)
+class QKFormerConfig:
+    """Everything that decides a QKFormer's structure (the original constructor's names in brackets): `img_size`
+    (img_size_h = img_size_w), `embed_dim` (embed_dims: the last stage's width), `depth` (depths: blocks in all
+    stages; the DVS model always has 2), `timesteps` (T), `mlp_ratio` (mlp_ratios), `variant` (which original model
+    file). The CIFAR and DVS files hard-code 8 and 16 heads; other `num_heads` there are ours."""
+
+    img_size: int
+    in_channels: int
+    num_classes: int
+    embed_dim: int
+    num_heads: int
+    depth: int
+    timesteps: int
+    mlp_ratio: float = 4
+    variant: str = "cifar"
+    dataset: str | None = None
+
+    def __post_init__(self):
+        fields = ("img_size", "in_channels", "num_classes", "embed_dim", "num_heads", "depth", "timesteps")
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in fields if getattr(self, name) < 1]
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        problems = problems or self._structure_problems()  # the structure's arithmetic needs sane numbers
+        if problems:
+            raise SpkpruneError("invalid QKFormer configuration: " + "; ".join(problems))
+
+    def _structure_problems(self) -> list[str]:
+        problems = []
+        if min(self.stage_depths) < 0 or sum(self.stage_depths) != self.depth:  # the DVS model is always 1 + 1
+            problems.append(f"depth {self.depth} does not fit the {self.variant} stages ({self.stage_depths} blocks)")
+        shrink = _FIRST_EMBED_SHRINK[self.variant] * 2 ** (len(self.stage_dims) - 1)  # image side / last grid side
+        if self.img_size % shrink:
+            problems.append(f"img_size {self.img_size} must be divisible by {shrink} ({self.variant})")
+        narrowest = 2 ** (len(self.stage_dims) - 1) * max(u.width_divisor for u in _FIRST_EMBED[self.variant].units)
+        if self.embed_dim % narrowest:
+            problems.append(f"embed_dim {self.embed_dim} must be divisible by {narrowest} (its narrowest stem conv)")
+        heads = self.num_heads
+        problems += [f"stage width {d} is not divisible by num_heads {heads}" for d in self.stage_dims if d % heads]
+        if min(self.mlp_hidden) < 1:
+            problems.append(f"mlp_ratio {self.mlp_ratio} leaves no hidden channels")
+        return problems
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """Channels of each stage: (C/4, C/2, C), or (C/2, C) for the DVS model."""
+        stages = 2 if self.variant == "dvs" else 3
+        return tuple(self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages))
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        """Blocks in each stage; all but the last stage use Q-K token attention."""
+        return {"cifar": (1, 1, self.depth - 2), "dvs": (1, 1), "imagenet": (1, 2, self.depth - 3)}[self.variant]
+
+    @property
+    def stage_grids(self) -> tuple[int, ...]:
+        """Side of each stage's token grid."""
+        first = self.img_size // _FIRST_EMBED_SHRINK[self.variant]
+        return tuple(first // 2**i for i in range(len(self.stage_dims)))
+
+    @property
+    def stage_tokens(self) -> tuple[int, ...]:
+        """Tokens (grid positions) of each stage."""
+        return tuple(side**2 for side in self.stage_grids)
+
+    @property
+    def mlp_hidden(self) -> tuple[int, ...]:
+        return tuple(int(dim * self.mlp_ratio) for dim in self.stage_dims)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QKFormerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpkpruneError(f"unknown QKFormer configuration keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _unflatten_time(x: torch.Tensor, T: int) -> torch.Tensor:  # [T*B, ...] -> [T, B, ...]
+    return x.reshape(T, -1, *x.shape[1:])
+
+
+class SpikingPatchEmbed(nn.Module):
+    """The original `PatchEmbedInit` / `PatchEmbeddingStage`: a main branch of conv-BN-(max-pool)-LIF units plus a
+    shortcut branch `proj_res_lif(proj_res_bn(proj_res_conv(s)))`, where s is the spikes of one main unit (or the
+    input); returns the sum of the two branches' spikes, `[T, B, width, H', W']`."""
+
+    def __init__(self, spec: EmbedSpec, in_channels: int, width: int):
+        super().__init__()
+        self.spec = spec
+        channels = in_channels
+        for unit in spec.units:
+            out = width // unit.width_divisor
+            setattr(self, f"{unit.prefix}_conv", nn.Conv2d(channels, out, 3, 1, 1, bias=False))
+            setattr(self, f"{unit.prefix}_bn", nn.BatchNorm2d(out))
+            if unit.pool:
+                setattr(self, unit.pool, nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            setattr(self, f"{unit.prefix}_lif", LIF())
+            channels = out
+        tapped = in_channels if spec.shortcut_from is None else width // spec.units[spec.shortcut_from].width_divisor
+        self.proj_res_conv = nn.Conv2d(tapped, width, 1, spec.shortcut_stride, 0, bias=False)
+        self.proj_res_bn = nn.BatchNorm2d(width)
+        self.proj_res_lif = LIF()
+
+    def _unit(self, unit: ConvUnit, x: torch.Tensor, T: int) -> torch.Tensor:  # [T*B,C,H,W] -> [T,B,C',H',W']
+        x = getattr(self, f"{unit.prefix}_bn")(getattr(self, f"{unit.prefix}_conv")(x))
+        if unit.pool:
+            x = getattr(self, unit.pool)(x)
+        return getattr(self, f"{unit.prefix}_lif")(_unflatten_time(x, T))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, x = x.shape[0], x.flatten(0, 1)
+        tapped = x
+        for i, unit in enumerate(self.spec.units):
+            spikes = self._unit(unit, x, T)
+            x = spikes.flatten(0, 1)
+            if i == self.spec.shortcut_from:
+                tapped = x
+        shortcut = self.proj_res_bn(self.proj_res_conv(tapped))
+        return spikes + self.proj_res_lif(_unflatten_time(shortcut, T))
+
+
+class _Attention(nn.Module):
+    """Both attentions' layers in the original's order: per projection p `<p>_conv` (Conv1d, no bias), `<p>_bn`
+    (BatchNorm1d), `<p>_lif`; `attn_lif` (threshold 0.5); `proj_conv` (with bias), `proj_bn`, `proj_lif`."""
+
+    def __init__(self, dim: int, num_heads: int, projections: tuple[str, ...]):
+        super().__init__()
+        self.num_heads = num_heads
+        for prefix in projections:
+            setattr(self, f"{prefix}_conv", nn.Conv1d(dim, dim, kernel_size=1, stride=1, bias=False))
+            setattr(self, f"{prefix}_bn", nn.BatchNorm1d(dim))
+            setattr(self, f"{prefix}_lif", LIF())
+        self.attn_lif = LIF(ATTN_THRESHOLD)
+        self.proj_conv = nn.Conv1d(dim, dim, kernel_size=1, stride=1)
+        self.proj_bn = nn.BatchNorm1d(dim)
+        self.proj_lif = LIF()
+
+    def _spikes(self, prefix: str, tokens: torch.Tensor, T: int) -> torch.Tensor:  # [T*B,C,N] -> [T,B,C,N]
+        y = getattr(self, f"{prefix}_bn")(getattr(self, f"{prefix}_conv")(tokens))
+        return getattr(self, f"{prefix}_lif")(_unflatten_time(y, T))
+
+
+class TokenQKAttention(_Attention):
+    """The original `Token_QK_Attention` (`tssa`): per head, `attn_lif(sum over the head's channels of q)` is one
+    spike per token that masks the token's k; then the output projection. Nothing mixes tokens. Returns spikes."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads, ("q", "k"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        tokens = x.flatten(3).flatten(0, 1)
+        by_head = (T, B, self.num_heads, C // self.num_heads, H * W)
+        q, k = (self._spikes(prefix, tokens, T).reshape(by_head) for prefix in ("q", "k"))
+        token_mask = self.attn_lif(q.sum(dim=3, keepdim=True))  # [T,B,heads,1,N]
+        masked = (token_mask * k).flatten(2, 3)
+        return self.proj_lif(self.proj_bn(self.proj_conv(masked.flatten(0, 1))).reshape(T, B, C, H, W))
+
+
+class SpikingSelfAttention(_Attention):
+    """The original `Spiking_Self_Attention` (`ssa`; `attn` in the ImageNet file): per head `attn_lif((q @ (k^T @ v))
+    * 0.125)`, then the output projection, whose neuron runs over `[T*B, C, N]` (module docstring). Returns spikes."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads, ("q", "k", "v"))
+
+    def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,C,N] -> [T,B,heads,N,C/heads]
+        T, B, C, N = s.shape
+        return s.transpose(-1, -2).reshape(T, B, N, self.num_heads, C // self.num_heads).permute(0, 1, 3, 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        tokens = x.flatten(3).flatten(0, 1)
+        q, k, v = (self._heads(self._spikes(p, tokens, T)) for p in ("q", "k", "v"))
+        attended = (q @ (k.transpose(-2, -1) @ v)) * SSA_SCALE  # sums of spikes: exact in float32
+        spikes = self.attn_lif(attended.transpose(3, 4).reshape(T, B, C, H * W))
+        out = self.proj_lif(self.proj_bn(self.proj_conv(spikes.flatten(0, 1))))  # neuron over T*B "steps"
+        return out.reshape(T, B, C, H, W)
+
+
+class MLP(nn.Module):
+    """The original `MLP`: two 1x1 Conv2d-BN-LIF layers, named `mlp1`/`mlp2` (`fc1`/`fc2` in the ImageNet file)."""
+
+    def __init__(self, dim: int, hidden: int, names: tuple[str, str]):
+        super().__init__()
+        self.names = names
+        for name, (cin, cout) in zip(names, ((dim, hidden), (hidden, dim))):
+            setattr(self, f"{name}_conv", nn.Conv2d(cin, cout, kernel_size=1, stride=1))
+            setattr(self, f"{name}_bn", nn.BatchNorm2d(cout))
+            setattr(self, f"{name}_lif", LIF())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> spikes [T,B,C,H,W]
+        T = x.shape[0]
+        for name in self.names:
+            y = getattr(self, f"{name}_bn")(getattr(self, f"{name}_conv")(x.flatten(0, 1)))
+            x = getattr(self, f"{name}_lif")(_unflatten_time(y, T))
+        return x
+
+
+class Block(nn.Module):
+    """`x + attention(x)`, then `x + mlp(x)`; the attention sits under the original's name (`tssa`, `ssa`, `attn`)."""
+
+    def __init__(self, attention_name: str, attention: nn.Module, mlp: MLP):
+        super().__init__()
+        self.attention_name = attention_name
+        setattr(self, attention_name, attention)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + getattr(self, self.attention_name)(x)
+        return x + self.mlp(x)
+
+
+class QKFormer(nn.Module):
+    """A QKFormer. Build it with `spkprune.models.qkformer_presets.create_qkformer(name)`.
+
+    Token layout: stage i works on spike-sum maps `[T, B, stage_dims[i], g, g]` with g = `stage_grids[i]`, whose
+    g*g positions (axes 3-4, row-major) are its tokens; inside the attention they are flattened to `[T*B, C, N]`.
+    """
+
+    def __init__(self, cfg: QKFormerConfig, preset: str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.preset = preset
+        embeds = [SpikingPatchEmbed(_FIRST_EMBED[cfg.variant], cfg.in_channels, cfg.stage_dims[0])]
+        embeds += [SpikingPatchEmbed(_NEXT_EMBED[cfg.variant], d // 2, d) for d in cfg.stage_dims[1:]]
+        stages = [nn.ModuleList(self._blocks(cfg, i)) for i in range(len(cfg.stage_dims))]
+        embed_names = [(f"patch_embed{i}", embed) for i, embed in enumerate(embeds, 1)]
+        stage_names = [(f"stage{i}", blocks) for i, blocks in enumerate(stages, 1)]
+        if cfg.variant == "dvs":  # its file registers (and so orders the state_dict) stage by stage
+            order = [item for pair in zip(embed_names, stage_names) for item in pair]
+        else:
+            order = embed_names + stage_names
+        for name, module in order:
+            self.add_module(name, module)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _blocks(cfg: QKFormerConfig, stage: int) -> list[Block]:
+        dim, hidden, heads = cfg.stage_dims[stage], cfg.mlp_hidden[stage], cfg.num_heads
+        mlp_names = ("fc1", "fc2") if cfg.variant == "imagenet" else ("mlp1", "mlp2")
+        last = stage == len(cfg.stage_dims) - 1
+        name = ("attn" if cfg.variant == "imagenet" else "ssa") if last else "tssa"
+        attention = SpikingSelfAttention if last else TokenQKAttention
+        return [Block(name, attention(dim, heads), MLP(dim, hidden, mlp_names)) for _ in range(cfg.stage_depths[stage])]
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # As the original: only the Linear head; convolutions and BatchNorms keep PyTorch's defaults.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)  # timm's cut: +-2 absolute
+            nn.init.zeros_(m.bias)
+
+    # ---- what the pruning, counting and selection code needs -------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.preset or f"qkformer-{self.config.depth}-{self.config.embed_dim}"
+
+    def stages(self) -> list[tuple[SpikingPatchEmbed, nn.ModuleList]]:
+        """Each stage's patch embedding and blocks, in forward order."""
+        numbers = range(1, len(self.config.stage_dims) + 1)
+        return [(getattr(self, f"patch_embed{i}"), getattr(self, f"stage{i}")) for i in numbers]
+
+    @property
+    def stage_tokens(self) -> tuple[int, ...]:
+        """Tokens (grid positions) of each stage."""
+        return self.config.stage_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the last stage: the ones the classifier averages and the only ones a selector can drop
+        (earlier stages feed a patch embedding whose 3x3 convolutions need the whole grid)."""
+        return self.config.stage_tokens[-1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.config.embed_dim
+
+    def prunable_weights(self) -> dict[str, nn.Parameter]:
+        """Conv (1-D and 2-D) and linear weights by state_dict key; all of them take part in forward."""
+        layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
+        return {f"{name}.weight": m.weight for name, m in self.named_modules() if isinstance(m, layers)}
+
+    def neuron_sites(self) -> dict[str, LIF]:
+        """Every LIF, by its original module path, in module order."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+
+    def used_parameter_count(self) -> int:
+        """All parameters: the original creates none that forward leaves unused."""
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images `[B,C,H,W]` (repeated over T) or event frames `[B,T,C,H,W]` -> the `[T,B,C,H,W]` sequence."""
+        cfg = self.config
+        sample = (cfg.in_channels, cfg.img_size, cfg.img_size)
+        if x.dim() == 4 and tuple(x.shape[1:]) == sample:
+            return x.unsqueeze(0).repeat(cfg.timesteps, 1, 1, 1, 1)
+        if x.dim() == 5 and tuple(x.shape[2:]) == sample:
+            return x.transpose(0, 1).contiguous()
+        chw = ",".join(map(str, sample))
+        raise SpkpruneError(f"{self.name} expects images [B,{chw}] or event frames [B,T,{chw}], got {list(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps `[T,B,D,g,g]`."""
+        for embed, blocks in self.stages():
+            x = embed(x)
+            for block in blocks:
+                x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, classes]`. Every neuron starts from a zero membrane on every call."""
+        pooled = self.forward_features(self.encode(x)).flatten(3).mean(3)  # [T,B,D]: mean over tokens
+        return self.head(pooled.mean(0))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:
+            check_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+__all__ = ["QKFormer", "QKFormerConfig"]
