@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from spkprune.checkpoint import Checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.cli.options import PRESENTATION
+from spkprune.bench.settings import BenchSettings
 from spkprune.compact.settings import CompactSettings
 from spkprune.counting.settings import FlopsSettings
 from spkprune.errors import SpkpruneError
@@ -33,6 +34,7 @@ COMMANDS = {
     ("flops", "report"): FlopsSettings,
     ("export",): ExportSettings,
     ("compact",): CompactSettings,
+    ("bench",): BenchSettings,
 }
 
 

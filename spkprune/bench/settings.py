@@ -17,7 +17,7 @@ class BenchSettings(Settings):
     refs: tuple[str, ...] = option(
         ..., "Checkpoints or presets to measure: NAME[@TAG], a .safetensors file, an exported folder, hf://ORG/REPO "
         "or a preset name (fresh weights). The first is the baseline of the speed-ups.",
-        argument=True, repeat=True, recipe=None, ref=True, min_length=1,
+        argument=True, repeat=True, ref=True, min_length=1,
     )
     batch_size: PositiveInt = option(32, "Images per batch for the throughput figure (latency is at batch 1).")
     repeats: PositiveInt = option(10, "Timed repeats per reference, interleaved across the references (p90 needs "

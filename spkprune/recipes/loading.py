@@ -13,6 +13,7 @@ from spkprune.recipes.messages import RecipeError, did_you_mean, kind_of
 from spkprune.recipes.recipe import Recipe
 from spkprune.recipes.resolve import resolve_recipe
 from spkprune.recipes.schema import SECTION_KEYS, TOP_LEVEL
+from spkprune.recipes.sweep import SWEEP_KEY, expand_sweep, is_sweep_override
 
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")  # no dots: stage names are parts of key paths
 
@@ -50,9 +51,15 @@ def parse_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping of keys (model, data, seed, vars, stages), got {kind_of(raw)}")
     raw = _normalise_stages(raw, where)
-    for item in overrides or []:
-        apply_override(raw, item, where)
-    return resolve_recipe(raw, where, default_name, path, list(overrides or []))
+    grid = raw.pop(SWEEP_KEY, None)
+    overrides = list(overrides or [])
+    for item in overrides:
+        if not is_sweep_override(item):
+            apply_override(raw, item, where)
+    if grid is not None or any(map(is_sweep_override, overrides)):  # a grid of points: see sweep.py
+        return expand_sweep(raw, grid, where=where, default_name=default_name, path=path, overrides=overrides,
+                            locate=key_path)
+    return resolve_recipe(raw, where, default_name, path, overrides)
 
 
 def _normalise_stages(raw: dict, where: str) -> dict:
@@ -94,10 +101,7 @@ def apply_override(raw: dict, item: str, where: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise RecipeError(f"override {item!r}: expected key=value, for example imp.rounds=5 or seed=1")
-    parts = [part.replace("-", "_") for part in key.split(".")]
-    if any(not part for part in parts):
-        raise RecipeError(f"override {item!r}: empty part in the key path")
-    parts = _override_path(raw, parts, item)
+    parts = key_path(raw, key, f"override {item!r}")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -111,12 +115,17 @@ def apply_override(raw: dict, item: str, where: str) -> None:
     node[parts[-1]] = _override_value(parts, value)
 
 
-def _override_path(raw: dict, parts: list[str], item: str) -> list[str]:
+def key_path(raw: dict, key: str, label: str) -> list[str]:
+    """The full path in the raw tree of an override or sweep key (`imp.rounds` -> stages.ticket.rounds); errors
+    start with `label`."""
+    parts = [part.replace("-", "_") for part in key.split(".")]
+    if any(not part for part in parts):
+        raise RecipeError(f"{label}: empty part in the key path")
     head = parts[0]
     stages = raw["stages"]
     if head in TOP_LEVEL or head in SECTION_KEYS:
         if head in TOP_LEVEL and len(parts) > 1:
-            raise RecipeError(f"override {item!r}: {head} is a single value, not a mapping")
+            raise RecipeError(f"{label}: {head} is a single value, not a mapping")
         return parts
     if head in stages:
         return ["stages", *parts]
@@ -125,11 +134,11 @@ def _override_path(raw: dict, parts: list[str], item: str) -> list[str]:
         return ["stages", of_type[0], *parts[1:]]
     if len(of_type) > 1:
         raise RecipeError(
-            f"override {item!r}: several stages have type {head!r} ({', '.join(of_type)}); name the stage instead"
+            f"{label}: several stages have type {head!r} ({', '.join(of_type)}); name the stage instead"
         )
     known = [*TOP_LEVEL, *SECTION_KEYS, *stages]
     raise RecipeError(
-        f"override {item!r}: {head!r} is not a recipe key, a stage name or a stage type{did_you_mean(head, known)}; "
+        f"{label}: {head!r} is not a recipe key, a stage name or a stage type{did_you_mean(head, known)}; "
         f"keys: {', '.join(TOP_LEVEL)}, data, vars; stages: {', '.join(stages)}"
     )
 

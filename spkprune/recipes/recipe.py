@@ -88,8 +88,17 @@ def identity_options(stage: Stage) -> dict:
         opt = stage.type.options[key]
         if not opt.identity or value is None:
             continue
-        target = stage.inputs.get(key)
-        if target is not None and target.stage is not None:
-            value = {"stage": target.stage, "tag": target.tag}  # the upstream hash is in "inputs"
+        if isinstance(value, list) and opt.is_ref:
+            value = [_identity_of(stage, f"{key}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            value = _identity_of(stage, key, value)
         options[key] = value
     return options
+
+
+def _identity_of(stage: Stage, key: str, value: Any) -> Any:
+    """A reference to an earlier stage is that stage (and tag): its hash is in "inputs"; anything else is itself."""
+    target = stage.inputs.get(key)
+    if target is not None and target.stage is not None:
+        return {"stage": target.stage, "tag": target.tag}
+    return value

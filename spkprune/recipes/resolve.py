@@ -291,12 +291,20 @@ class _Resolver:
             value = stage.options.get(option)
             if not opt.is_ref or value is None:
                 continue
-            target = self.parse_ref(f"stages.{stage.name}.{option}", value, stage)
-            stage.inputs[option] = target
-            if target.stage is not None:
-                if target.stage not in self.current_deps:
-                    self.current_deps.append(target.stage)
-                stage.options[option] = self.concrete_ref(target)
+            if isinstance(value, list):  # several references (bench): each linked like a single one
+                stage.options[option] = [self.link(stage, f"{option}[{i}]", item) for i, item in enumerate(value)]
+            else:
+                stage.options[option] = self.link(stage, option, value)
+
+    def link(self, stage: Stage, key: str, value: str) -> str:
+        """Record what reference `value` of option `key` reads; the concrete reference to pass on."""
+        target = self.parse_ref(f"stages.{stage.name}.{key}", value, stage)
+        stage.inputs[key] = target
+        if target.stage is None:
+            return value
+        if target.stage not in self.current_deps:
+            self.current_deps.append(target.stage)
+        return self.concrete_ref(target)
 
     def parse_ref(self, key: str, value: str, stage: Stage) -> StageInput:
         for upstream in self.stages.values():  # `${stages.X.ref}` interpolated: map it back to its stage
@@ -314,7 +322,7 @@ class _Resolver:
         if head in self.raw["stages"]:
             problem = "is this stage itself" if head == stage.name else "comes later in the recipe"
             raise self.fail(key, f"{value!r}: stage {head!r} {problem}; a stage can only read earlier stages")
-        if _looks_external(value) or (stage.type.name == "flops" and self.is_preset(value)):
+        if _looks_external(value) or (stage.type.reads_presets and self.is_preset(value)):
             return StageInput(external=value)
         earlier = ", ".join(self.stages) or "none"
         raise self.fail(

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from pydantic.fields import FieldInfo
 
+from spkprune.bench.settings import BenchSettings
 from spkprune.compact.settings import CompactSettings
 from spkprune.counting.settings import FlopsSettings
 from spkprune.export.settings import ExportSettings
@@ -45,6 +46,7 @@ class StageType:
     inherit_unless: dict[str, str] = field(default_factory=dict)  # option -> option that, when set, stops inheriting
     resume_drops: tuple[str, ...] = ()  # options a resumed run ignores (it reuses the run's own)
     output: str = "none"  # "checkpoint" (NAME@main), "rounds" (NAME@round-K), "folder" (out), "none"
+    reads_presets: bool = False  # a reference may be a preset name (a freshly initialised model)
 
     @property
     def options(self) -> dict[str, StageOption]:
@@ -109,7 +111,12 @@ STAGE_TYPES: dict[str, StageType] = {
         "flops", FlopsSettings, stages.run_flops,
         summary="dense MACs, nonzero-weight MACs, SOPs and energy, per layer and in total",
         inherits={"dataset": "data.dataset", "data_dir": "data.data_dir"},
-        inherit_unless={"dataset": "keep", "data_dir": "keep"},
+        inherit_unless={"dataset": "keep", "data_dir": "keep"}, reads_presets=True,
+    ),
+    "bench": StageType(
+        "bench", BenchSettings, stages.run_bench,
+        summary="measured latency, throughput and peak memory of `refs`, speed-ups against the first",
+        reads_presets=True,
     ),
     "export": StageType(
         "export", ExportSettings, stages.run_export,

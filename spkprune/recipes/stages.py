@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from spkprune.bench.jobs import run_bench as bench_job
 from spkprune.compact.jobs import run_compact as compact_job
 from spkprune.counting.jobs import flops_report
 from spkprune.errors import SpkpruneError
@@ -42,6 +43,13 @@ def run_select_tokens(store: Store, settings, *, progress: bool, log: Log) -> di
     if outcome.analysis is not None:
         result["plots"] = sorted(str(path) for path in outcome.analysis.pictures.values())
     return result
+
+
+def run_bench(store: Store, settings, *, progress: bool, log: Log) -> dict:
+    report = bench_job(store, settings, progress=progress)
+    rows = [{"ref": r.ref, "throughput": r.throughput, "speedup": r.speedup, "latency_ms": r.latency_ms}
+            for r in report.results]
+    return {"ref": rows[-1]["ref"], "bench": rows, "throughput": rows[-1]["throughput"], "speedup": rows[-1]["speedup"]}
 
 
 def run_compact(store: Store, settings, *, progress: bool, log: Log) -> dict:

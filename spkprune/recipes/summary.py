@@ -8,7 +8,7 @@ from spkprune.recipes.runner import RunReport, StageOutcome
 
 COLUMNS = [
     "stage", "type", "status", "artifact", "top1", "sparsity", "tokens per block", "MACs", "SOPs", "energy (mJ)",
-    "size (bytes)", "seconds",
+    "size (bytes)", "img/s", "speed-up", "seconds",
 ]
 
 
@@ -32,6 +32,8 @@ def summary_frame(report: RunReport) -> pd.DataFrame:
             "SOPs": result.get("sops"),
             "energy (mJ)": result.get("energy_mj"),
             "size (bytes)": result.get("size"),
+            "img/s": result.get("throughput"),
+            "speed-up": result.get("speedup"),
             "seconds": round(outcome.seconds, 1),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
