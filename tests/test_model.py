@@ -149,7 +149,7 @@ def test_parameter_counts_match_the_original(name):
 
 
 def test_every_preset_builds_and_runs_a_forward():
-    for name in spkprune.list_models():
+    for name in spkprune.list_models(family="spikformer"):  # the other families: test_families.py
         cfg = spkprune.get_config(name)
         # Small stand-ins of the big presets keep the test fast; structure (variant, pools) is the preset's.
         overrides = dict(timesteps=2)
@@ -165,7 +165,7 @@ def test_every_preset_builds_and_runs_a_forward():
 
 
 def test_digits_presets_have_room_for_a_token_selector():
-    for name in spkprune.list_models("*digits*"):
+    for name in spkprune.list_models("*digits*", family="spikformer"):
         model = spkprune.create_model(name)
         assert model.num_tokens >= 16 and model.config.depth >= 2
         assert model.selector_locations() == list(range(1, model.config.depth))

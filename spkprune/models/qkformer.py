@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
 
 VARIANTS = ("cifar", "dvs", "imagenet")
@@ -144,15 +145,10 @@ class QKFormerConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QKFormerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SpkpruneError(f"unknown QKFormer configuration keys: {', '.join(unknown)}")
         return cls(**data)
-
-
-def _unflatten_time(x: torch.Tensor, T: int) -> torch.Tensor:  # [T*B, ...] -> [T, B, ...]
-    return x.reshape(T, -1, *x.shape[1:])
 
 
 class SpikingPatchEmbed(nn.Module):
@@ -181,7 +177,7 @@ class SpikingPatchEmbed(nn.Module):
         x = getattr(self, f"{unit.prefix}_bn")(getattr(self, f"{unit.prefix}_conv")(x))
         if unit.pool:
             x = getattr(self, unit.pool)(x)
-        return getattr(self, f"{unit.prefix}_lif")(_unflatten_time(x, T))
+        return getattr(self, f"{unit.prefix}_lif")(unflatten_time(x, T))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, x = x.shape[0], x.flatten(0, 1)
@@ -192,7 +188,7 @@ class SpikingPatchEmbed(nn.Module):
             if i == self.spec.shortcut_from:
                 tapped = x
         shortcut = self.proj_res_bn(self.proj_res_conv(tapped))
-        return spikes + self.proj_res_lif(_unflatten_time(shortcut, T))
+        return spikes + self.proj_res_lif(unflatten_time(shortcut, T))
 
 
 class _Attention(nn.Module):
@@ -213,7 +209,7 @@ class _Attention(nn.Module):
 
     def _spikes(self, prefix: str, tokens: torch.Tensor, T: int) -> torch.Tensor:  # [T*B,C,N] -> [T,B,C,N]
         y = getattr(self, f"{prefix}_bn")(getattr(self, f"{prefix}_conv")(tokens))
-        return getattr(self, f"{prefix}_lif")(_unflatten_time(y, T))
+        return getattr(self, f"{prefix}_lif")(unflatten_time(y, T))
 
 
 class TokenQKAttention(_Attention):
@@ -269,7 +265,7 @@ class MLP(nn.Module):
         T = x.shape[0]
         for name in self.names:
             y = getattr(self, f"{name}_bn")(getattr(self, f"{name}_conv")(x.flatten(0, 1)))
-            x = getattr(self, f"{name}_lif")(_unflatten_time(y, T))
+            x = getattr(self, f"{name}_lif")(unflatten_time(y, T))
         return x
 
 
@@ -346,8 +342,7 @@ class QKFormer(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        """Tokens of the last stage: the ones the classifier averages and the only ones a selector can drop
-        (earlier stages feed a patch embedding whose 3x3 convolutions need the whole grid)."""
+        """Tokens of the last stage, the ones the classifier averages (`stage_tokens` gives every stage's)."""
         return self.config.stage_tokens[-1]
 
     @property
@@ -362,6 +357,10 @@ class QKFormer(nn.Module):
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF, by its original module path, in module order."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+
+    def selector_locations(self) -> list[int]:
+        """None yet: only the last stage's tokens could be gathered away (docs/model-families.md, QKFormer)."""
+        return []
 
     def used_parameter_count(self) -> int:
         """All parameters: the original creates none that forward leaves unused."""

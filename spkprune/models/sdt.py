@@ -76,6 +76,14 @@ class SDTConfig:
             raise SpkpruneError("invalid Spike-driven Transformer configuration: " + "; ".join(problems))
 
     @property
+    def variant(self) -> str:
+        """The input the structure was made for, as the other families say it: "dvs" for two-channel event frames,
+        "imagenet" for the four-pool stem, "cifar" otherwise (the original has one model file for all)."""
+        if self.in_channels == 2:
+            return "dvs"
+        return "imagenet" if self.num_pools == 4 else "cifar"
+
+    @property
     def num_pools(self) -> int:
         return self.pooling_stat.count("1")
 
@@ -129,7 +137,7 @@ def _erode() -> nn.Module:
     return nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 1, 1), padding=(0, 1, 1))
 
 
-def _unflatten_time(x: torch.Tensor, T: int) -> torch.Tensor:
+def unflatten_time(x: torch.Tensor, T: int) -> torch.Tensor:
     """`[T*B, ...]` -> `[T, B, ...]`."""
     return x.reshape(T, -1, *x.shape[1:])
 
@@ -161,14 +169,14 @@ class SpikingPatchEmbed(nn.Module):
         x = x.flatten(0, 1)
         for stage in range(3):  # these stages pool spikes
             x = self._layer("proj_bn", stage)(self._layer("proj_conv", stage)(x))
-            x = self._layer("proj_lif", stage)(_unflatten_time(x, T)).flatten(0, 1)
+            x = self._layer("proj_lif", stage)(unflatten_time(x, T)).flatten(0, 1)
             if self.pooled[stage]:
                 x = self._layer("maxpool", stage)(x)
         membrane = self.proj_bn3(self.proj_conv3(x))
         if self.pooled[3]:  # the last stage pools its membrane potential, before the neuron
             membrane = self.maxpool3(membrane)
-        spikes = self.proj_lif3(_unflatten_time(membrane, T)).flatten(0, 1)
-        return _unflatten_time(self.rpe_bn(self.rpe_conv(spikes)) + membrane, T)
+        spikes = self.proj_lif3(unflatten_time(membrane, T)).flatten(0, 1)
+        return unflatten_time(self.rpe_bn(self.rpe_conv(spikes)) + membrane, T)
 
 
 class SpikeDrivenSelfAttention(nn.Module):
@@ -197,7 +205,7 @@ class SpikeDrivenSelfAttention(nn.Module):
     def _spikes(self, prefix: str, x: torch.Tensor, T: int) -> torch.Tensor:
         """`<p>_lif(<p>_bn(<p>_conv(x)))`: `[T*B, C, H, W]` spikes -> `[T, B, C, H, W]` spikes."""
         y = getattr(self, f"{prefix}_bn")(getattr(self, f"{prefix}_conv")(x))
-        return getattr(self, f"{prefix}_lif")(_unflatten_time(y, T))
+        return getattr(self, f"{prefix}_lif")(unflatten_time(y, T))
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> [T,B,heads,N,C/heads]
         T, B, C, H, W = s.shape
@@ -232,13 +240,13 @@ class MembraneShortcutMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] membrane
         T = x.shape[0]
-        hidden = _unflatten_time(self.fc1_bn(self.fc1_conv(self.fc1_lif(x).flatten(0, 1))), T)
+        hidden = unflatten_time(self.fc1_bn(self.fc1_conv(self.fc1_lif(x).flatten(0, 1))), T)
         shortcut = x
         if self.hidden_shortcut:
             hidden = shortcut + hidden
             shortcut = hidden
         out = self.fc2_bn(self.fc2_conv(self.fc2_lif(hidden).flatten(0, 1)))
-        return _unflatten_time(out, T) + shortcut
+        return unflatten_time(out, T) + shortcut
 
 
 class Block(nn.Module):
@@ -308,6 +316,10 @@ class SpikeDrivenTransformer(nn.Module):
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF that fires, by its original module path, in module order."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+
+    def selector_locations(self) -> list[int]:
+        """None yet: the blocks work on `[T,B,C,H,W]` maps, not token lists a selector can gather from."""
+        return []
 
     def used_parameter_count(self) -> int:
         """Parameters that take part in forward: all but the never-called `talking_heads`."""
