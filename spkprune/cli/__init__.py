@@ -13,4 +13,5 @@ from spkprune.cli import (  # noqa: F401  (importing registers the commands)
     run,
     compact,
     bench,
+    sweep,
 )
