@@ -9,7 +9,13 @@ from spkprune.checkpoint.core import Checkpoint
 from spkprune.checkpoint.sources import load_checkpoint
 from spkprune.checkpoint.summary import natural_key
 from spkprune.errors import SpkpruneError
-from spkprune.models import PRESETS, create_model, model_from_config
+from spkprune.models import (
+    all_presets,
+    check_same_family,
+    check_state_dict_family,
+    create_model,
+    model_from_config,
+)
 from spkprune.models.selector import attach_selectors
 from spkprune.store import Store
 
@@ -25,7 +31,7 @@ def build_model(ckpt: Checkpoint, arch: str | None = None) -> nn.Module:
     arch = arch or ckpt.meta.get("arch")
     if not arch:
         raise SpkpruneError(f"{where} carries no architecture (a plain state_dict); pass --arch PRESET")
-    model = _model_for(arch, ckpt.meta.get("config") if ckpt.meta.get("arch") == arch else None)
+    model = _model_for(arch, ckpt.meta.get("config") if ckpt.meta.get("arch") == arch else None, where)
     selector = ckpt.meta.get("selector")
     if any(k.startswith(SELECTOR_PREFIX) for k in ckpt.state_dict) and not selector:
         raise SpkpruneError(f"{where} has token_selectors.* weights but no selector configuration in its metadata")
@@ -34,18 +40,22 @@ def build_model(ckpt: Checkpoint, arch: str | None = None) -> nn.Module:
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except SpkpruneError as err:
+        check_state_dict_family(model, ckpt.state_dict, where)  # another family's weights: say so, in one line
         raise SpkpruneError(f"{where}: {err}") from None
     return model
 
 
-def _model_for(arch: str, config: dict | None) -> nn.Module:
-    if arch not in PRESETS and config:
+def _model_for(arch: str, config: dict | None, where: str = "the checkpoint") -> nn.Module:
+    """Preset `arch` with the stored `config`'s differences as overrides (a configuration of another family than
+    the preset's is one error naming both); an unknown `arch` is built from `config` alone."""
+    if arch not in all_presets() and config:
         return model_from_config(config, preset=arch)
     if not config:
         return create_model(arch)
-    base = PRESETS[arch].to_dict()
+    family = check_same_family(arch, config, where=f"the configuration stored in {where}")
+    base = family.get_config(arch).to_dict()
     overrides = {k: v for k, v in config.items() if k not in base or base[k] != v}
-    return create_model(arch, **overrides)
+    return family.create(arch, **overrides)
 
 
 def model_from_ref(ref: str, store: Store | None = None, arch: str | None = None) -> nn.Module:

@@ -42,6 +42,7 @@ from spkprune.checkpoint.formats import (  # noqa: F401  (re-exported: the publi
 )
 from spkprune.checkpoint.sparse import read_sparse, write_sparse  # noqa: F401
 from spkprune.errors import SpkpruneError
+from spkprune.models import family_of_meta
 from spkprune.version import __version__
 
 
@@ -138,6 +139,7 @@ def folder_config(meta: Mapping[str, Any], fmt: str, dtype: str, has_masks: bool
         "weights_file": SPARSE_FILE if fmt == "sparse" else DENSE_FILE,
         "masks_file": MASKS_FILE if fmt == "dense" and has_masks else None,
         "dtype": dtype,
+        "family": getattr(family_of_meta(meta), "name", None),  # spikformer, sdt, qkformer (spkprune list-models)
         "preset": meta.get("arch"),
         "config": meta.get("config"),
         "selector": meta.get("selector"),

@@ -15,7 +15,7 @@ from spkprune.checkpoint.blob import from_tensors, read_safetensors_file
 from spkprune.checkpoint.core import Checkpoint
 from spkprune.checkpoint.saving import save_checkpoint
 from spkprune.errors import SpkpruneError
-from spkprune.models import create_model
+from spkprune.models import check_state_dict_family, create_model
 from spkprune.store import Artifact, Store, parse_ref
 
 
@@ -102,6 +102,7 @@ def prepare_import(path: str | os.PathLike, arch: str) -> Checkpoint:
     try:
         model.load_state_dict(state_dict, strict=True)
     except SpkpruneError as err:
+        check_state_dict_family(model, state_dict, str(path))  # another family's weights: one line naming both
         raise SpkpruneError(f"{path}: {err}") from None
     source = {"path": str(path.resolve()), "sha256": _file_sha256(path), "format": info["format"], "entry": info["entry"]}
     if "epoch" in info:

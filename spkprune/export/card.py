@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from spkprune.checkpoint.formats import DENSE_FILE, MASKS_FILE, SPARSE_FILE
+from spkprune.models import family_of_meta
 
 _TASK = {"type": "image-classification", "name": "Image Classification"}
 
@@ -163,6 +164,7 @@ def _summary(meta: Mapping[str, Any], fmt: str, dtype: str) -> str:
     sparsity = meta.get("sparsity") or {}
     metrics = meta.get("metrics") or {}
     facts = [
+        ("family", _family_text(meta)),
         ("architecture", meta.get("arch")),
         ("dataset", _dataset(meta)),
         ("embedding dim / depth / heads", "/".join(str(config.get(k, "?")) for k in ("embed_dim", "depth", "num_heads"))
@@ -212,7 +214,18 @@ def _selector_text(selector: Any) -> str | None:
     return str(selector)
 
 
-def _load_section(fmt: str, hub_ref: str | None, has_masks: bool) -> str:
+def _family_text(meta: Mapping[str, Any]) -> str | None:
+    """`QKFormer (qkformer; original code: zhouchenlin2096/QKFormer)`."""
+    family = family_of_meta(meta)
+    return f"{family.title} (`{family.name}`; original code: {family.original})" if family else None
+
+
+def _title(meta: Mapping[str, Any]) -> str:
+    family = family_of_meta(meta)
+    return family.title if family else "Spikformer"
+
+
+def _load_section(fmt: str, hub_ref: str | None, has_masks: bool, title: str = "Spikformer") -> str:
     source = hub_ref or "path/to/this/folder"
     weights = SPARSE_FILE if fmt == "sparse" else DENSE_FILE
     text = [
@@ -222,19 +235,19 @@ def _load_section(fmt: str, hub_ref: str | None, has_masks: bool) -> str:
         "from spkprune.checkpoint import load_checkpoint, build_model",
         "",
         f'ckpt = load_checkpoint("{source}")',
-        "model = build_model(ckpt).eval()   # the Spikformer with these weights, strictly loaded",
+        f"model = build_model(ckpt).eval()   # the {title} with these weights, strictly loaded",
         "```\n",
         f"From the command line: `spkprune evaluate {source}`.\n",
     ]
     if fmt == "dense":
         text += [
-            "Without spkprune, `model.safetensors` is a plain state_dict with the original Spikformer key names, so it "
+            f"Without spkprune, `model.safetensors` is a plain state_dict with the original {title} key names, so it "
             "loads strictly into the original code:\n",
             "```python",
             "from safetensors.torch import load_file",
             "",
             f'state_dict = load_file("{weights}")',
-            "model.load_state_dict(state_dict)   # model built with the original Spikformer code and this config",
+            f"model.load_state_dict(state_dict)   # model built with the original {title} code and this config",
             "```\n",
         ]
         if has_masks:
@@ -261,14 +274,14 @@ def model_card(
     header = yaml.safe_dump(front_matter(meta, name, has_masks), sort_keys=False, allow_unicode=True)
     what = ("a lottery ticket: the subnetwork that iterative magnitude pruning kept, with its exact mask"
             if has_masks else "a dense checkpoint")
-    intro = f"# {name}\n\nA Spikformer spiking transformer exported by spkprune, {what}.\n"
+    intro = f"# {name}\n\nA spiking transformer of the {_title(meta)} family exported by spkprune, {what}.\n"
     sections = [
         intro,
         _summary(meta, fmt, dtype) + "\n",
         _rounds_section(meta, lineage),
         _flops_section(meta.get("flops")),
         _speed_section(meta.get("bench")),
-        _load_section(fmt, hub_ref, has_masks),
+        _load_section(fmt, hub_ref, has_masks, _title(meta)),
     ]
     recipe = meta.get("recipe")
     if recipe:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -216,13 +218,53 @@ def family_of_meta(meta: Mapping[str, Any]) -> Family | None:
     return family_of_config(config) if isinstance(config, Mapping) else None
 
 
+def _key_pattern(key: str) -> str:
+    """`block.3.attn.q_conv.weight` -> `block.#.attn.q_conv.weight` (block numbers, not digits inside names)."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "#", key)
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_key_patterns() -> tuple[tuple[str, frozenset[str]], ...]:
+    """(family name, key patterns) of every preset: weightless models on the meta device, built once."""
+    patterns = []
+    for family in FAMILIES.values():
+        for preset in family.presets:
+            with torch.device("meta"):
+                keys = family.create(preset).state_dict()
+            patterns.append((family.name, frozenset(_key_pattern(k) for k in keys)))
+    return tuple(patterns)
+
+
+def family_of_state_dict(keys: Iterable[str]) -> Family | None:
+    """The family whose presets' state_dict keys these are most like (token selectors aside); None when no preset
+    shares at least 90% of them."""
+    patterns = {_key_pattern(k) for k in keys if not k.startswith("token_selectors.")}
+    best, score = None, 0.0
+    for name, known in _preset_key_patterns():
+        overlap = len(patterns & known) / max(1, len(patterns | known))
+        if overlap > score:
+            best, score = name, overlap
+    return FAMILIES[best] if best is not None and score >= 0.9 else None
+
+
+def check_state_dict_family(model: nn.Module, keys: Iterable[str], where: str) -> None:
+    """One line naming both families when the state_dict `keys` are another family's than `model`'s."""
+    theirs, ours = family_of_state_dict(keys), family_of(model)
+    if theirs is not None and theirs is not ours:
+        raise SpkpruneError(
+            f"{where} holds weights of the {theirs.name} family ({theirs.title}), which do not load into "
+            f"{model.name} of the {ours.name} family; give a preset of the {theirs.name} family "
+            f"(spkprune list-models --family {theirs.name})"
+        )
+
+
 def check_same_family(preset: str, config: Mapping[str, Any], where: str = "the configuration") -> Family:
     """The family of `preset`, after checking that `config` (a stored `to_dict()`) is a configuration of it."""
     family = family_of_preset(preset)
     if not family.fits_config(config):
         other = family_of_config(config)
         kind = f"of the {other.name} family" if other else "of no known family"
-        raise SpkpruneError(f"preset {preset} is a {family.name} model but {where} is {kind}")
+        raise SpkpruneError(f"preset {preset} is of the {family.name} family but {where} is {kind}")
     return family
 
 
@@ -233,10 +275,12 @@ __all__ = [
     "SpikingModel",
     "all_presets",
     "check_same_family",
+    "check_state_dict_family",
     "family_of",
     "family_of_config",
     "family_of_meta",
     "family_of_preset",
+    "family_of_state_dict",
     "get_family",
     "list_families",
 ]
