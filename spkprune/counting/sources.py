@@ -12,15 +12,19 @@ import torch.nn as nn
 from spkprune.checkpoint import build_model, load_checkpoint
 from spkprune.data import dataset_info, get_dataset, list_datasets, make_loader
 from spkprune.errors import SpkpruneError
+from spkprune.counting.structure import check_countable
 from spkprune.models import create_model, list_models
 from spkprune.store import is_store_ref, parse_ref
 
 
 def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
-    """(model, masks, source kind "preset" | "checkpoint") for a preset name or a checkpoint reference."""
+    """(model, masks, source kind "preset" | "checkpoint") for a preset name or a checkpoint reference, of a family
+    the counting covers (one line otherwise, before any data is read)."""
     presets = list_models()
     if ref in presets:
-        return create_model(ref), {}, "preset"
+        model = create_model(ref)
+        check_countable(model)
+        return model, {}, "preset"
     try:
         ckpt = load_checkpoint(ref, store)
     except SpkpruneError as err:
@@ -29,7 +33,9 @@ def load_model(ref: str, store) -> tuple[nn.Module, dict, str]:
         close = difflib.get_close_matches(ref, presets, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
         raise SpkpruneError(f"{ref!r} is neither a preset ({hint}) nor a checkpoint: {err}") from None
-    return build_model(ckpt), dict(ckpt.masks), "checkpoint"
+    model = build_model(ckpt)
+    check_countable(model)
+    return model, dict(ckpt.masks), "checkpoint"
 
 
 def is_stored(ref: str, store) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from spkprune.errors import SpkpruneError
+from spkprune.models import FAMILIES, family_of
 from spkprune.models.neurons import LIF
 from spkprune.models.spikformer import SSA
 
@@ -122,8 +124,23 @@ def dummy_input(model: nn.Module, device: str | torch.device = "meta") -> torch.
     return torch.zeros(size, device=device)
 
 
+def check_countable(model: nn.Module) -> None:
+    """One line when `model`'s family is one this layer table cannot count honestly yet."""
+    family = family_of(model)
+    if not family.counted:
+        raise SpkpruneError(
+            f"flops report does not count the {family.name} family yet ({model.name}): the layer table traces "
+            f"Spikformer blocks and attention only (counted families: {', '.join(counted_families())})"
+        )
+
+
+def counted_families() -> list[str]:
+    return [family.name for family in FAMILIES.values() if family.counted]
+
+
 def trace_structure(model: nn.Module) -> Structure:
     """Trace `model` once (shapes only) and return its layer table per image."""
+    check_countable(model)
     cfg = model.config
     skeleton = meta_skeleton(model)
     layers: list[LayerSpec] = []

@@ -97,6 +97,7 @@ class Family:
     presets: Mapping[str, Any]
     configure: Callable[..., Any]  # (preset, **overrides) -> config, the family's own checks
     counted: bool = False  # `flops report` traces it (counting/structure.py)
+    token_selection: bool = False  # its models have selector locations (`select-tokens`)
     channel_structures: bool = False  # `imp --granularity channel` knows its structures (pruning/structures.py)
 
     def list(self, pattern: str | None = None) -> list[str]:
@@ -145,7 +146,7 @@ FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
         Family("spikformer", "Spikformer", "ZK-Zhou/spikformer", Spikformer, SpikformerConfig, PRESETS,
-               spikformer_config, counted=True, channel_structures=True),
+               spikformer_config, counted=True, token_selection=True, channel_structures=True),
         Family("sdt", "Spike-driven Transformer (V1)", "BICLab/Spike-Driven-Transformer", SpikeDrivenTransformer,
                SDTConfig, SDT_PRESETS, get_sdt_config),
         Family("qkformer", "QKFormer", "zhouchenlin2096/QKFormer", QKFormer, QKFormerConfig, QKFORMER_PRESETS,
@@ -258,6 +259,23 @@ def check_state_dict_family(model: nn.Module, keys: Iterable[str], where: str) -
         )
 
 
+def preset_rows(pattern: str | None = None, family: str | None = None) -> list[dict]:
+    """One row per preset (family, preset, dataset, input, timesteps, params), by family then name; what
+    `spkprune list-models` prints. Parameters are counted on weightless models (the meta device)."""
+    rows = []
+    for fam in [get_family(family)] if family else FAMILIES.values():
+        for preset in fam.list(pattern):
+            with torch.device("meta"):
+                model = fam.create(preset)
+            cfg = model.config
+            rows.append({
+                "family": fam.name, "preset": preset, "dataset": cfg.dataset,
+                "input": f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}", "timesteps": cfg.timesteps,
+                "params": sum(p.numel() for p in model.parameters()),
+            })
+    return rows
+
+
 def check_same_family(preset: str, config: Mapping[str, Any], where: str = "the configuration") -> Family:
     """The family of `preset`, after checking that `config` (a stored `to_dict()`) is a configuration of it."""
     family = family_of_preset(preset)
@@ -283,4 +301,5 @@ __all__ = [
     "family_of_state_dict",
     "get_family",
     "list_families",
+    "preset_rows",
 ]

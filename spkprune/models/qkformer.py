@@ -306,6 +306,7 @@ class QKFormer(nn.Module):
         for name, module in order:
             self.add_module(name, module)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.token_selectors = nn.ModuleDict()  # always empty (selector_locations); no state_dict entries
         self.apply(self._init_weights)
 
     @staticmethod

@@ -276,6 +276,7 @@ class SpikeDrivenTransformer(nn.Module):
         self.block = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_lif = LIF()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.token_selectors = nn.ModuleDict()  # always empty (selector_locations); no state_dict entries
         self.apply(self._init_weights)
 
     @staticmethod

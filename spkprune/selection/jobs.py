@@ -10,6 +10,7 @@ import pandas as pd
 
 from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.errors import SpkpruneError
+from spkprune.models import family_of_meta
 from spkprune.paths import check_output_folder
 from spkprune.selection.analysis import analysis_model, analyze_tokens, rate_table, sample_images, write_analysis
 from spkprune.selection.finetune import SelectionResult, select_tokens
@@ -70,6 +71,7 @@ def run_select_tokens(
     if settings.analyze:
         check_output_folder(settings.out, "--out")
     source = load_checkpoint(settings.ref, store)
+    check_selectable(source, settings.locations)
     outcome = SelectTokensOutcome(None, source, None)
     analysed = source
     if settings.name is not None:
@@ -78,6 +80,18 @@ def run_select_tokens(
     if settings.analyze:
         outcome.analysis = _analyze(analysed, settings, log)
     return outcome
+
+
+def check_selectable(source: Checkpoint, locations=None) -> None:
+    """One line, before any work, when the source's family has no token axis a selector can gather."""
+    family = family_of_meta(source.meta)
+    if family is None or family.token_selection:
+        return  # a model of no known family: building it says what is wrong
+    asked = f"--locations {','.join(map(str, locations))}: " if locations else ""
+    raise SpkpruneError(
+        f"{asked}select-tokens does not work on the {family.name} family yet: {source.meta.get('arch') or 'its model'}"
+        " has no token axis a selector can gather (no selector locations; see docs/model-families.md)"
+    )
 
 
 def _check_name_free(store: Store | None, settings: SelectTokensSettings) -> None:

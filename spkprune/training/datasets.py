@@ -7,19 +7,34 @@ from torch.utils.data import Dataset
 
 from spkprune.data import dataset_info, get_dataset
 from spkprune.errors import SpkpruneError
+from spkprune.models import family_of
 from spkprune.training.config import TrainConfig
 
 
-def check_compatible(model: nn.Module, dataset: str) -> None:
-    """The model's classes, channels and image size must fit the data set."""
-    info, cfg = dataset_info(dataset), model.config
+def _fit_problems(cfg, dataset: str) -> dict:
+    """{field: (the model's, the data set's)} for the classes, channels and image size that differ."""
+    info = dataset_info(dataset)
     wanted = {"num_classes": info.num_classes, "in_channels": info.in_channels, "img_size": info.img_size}
-    wrong = {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
+    return {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
+
+
+def suggested_preset(model: nn.Module, dataset: str) -> str:
+    """The data set's default preset when it is of the model's family, else a preset of that family made for
+    `dataset` and fitting it, else the default preset."""
+    family, default = family_of(model), dataset_info(dataset).default_preset
+    fitting = [p for p in family.list() if family.presets[p].dataset == dataset
+               and not _fit_problems(family.presets[p], dataset)]
+    return default if default in family.presets or not fitting else fitting[0]
+
+
+def check_compatible(model: nn.Module, dataset: str) -> None:
+    """The model's classes, channels and image size must fit the data set (any family: they are config fields)."""
+    wrong = _fit_problems(model.config, dataset)
     if wrong:
         detail = ", ".join(f"{k} {have} (needs {need})" for k, (have, need) in wrong.items())
         raise SpkpruneError(
             f"model {getattr(model, 'preset', None) or 'model'} does not fit dataset {dataset}: {detail}; "
-            f"use a {dataset} preset such as {info.default_preset}"
+            f"use a {dataset} preset such as {suggested_preset(model, dataset)}"
         )
 
 
