@@ -13,5 +13,6 @@ from spkprune.cli import (  # noqa: F401  (importing registers the commands)
     run,
     compact,
     bench,
+    list_models,
     sweep,
 )
