@@ -28,10 +28,19 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
 
 def _check_parent(path: Path, what: str) -> None:
     """The nearest existing ancestor must be a folder we may create entries in."""
+    problem = why_unwritable(path)
+    if problem:
+        raise SpkpruneError(f"{what} {str(path)!r}: {problem}")
+
+
+def why_unwritable(path: Path) -> str | None:
+    """Why nothing can be created at `path` (judged by its nearest existing ancestor), or None when it can."""
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise SpkpruneError(f"{what} {str(path)!r}: {str(ancestor)!r} is a file, so nothing can be written below it")
+        return f"{str(ancestor)!r} is a file, so nothing can be written below it"
+    # root may write anywhere by permission bits, but /proc and /sys hold no user files
     if not os.access(ancestor, os.W_OK | os.X_OK) or str(ancestor.resolve()).startswith(("/proc", "/sys")):
-        raise SpkpruneError(f"{what} {str(path)!r}: cannot write in {str(ancestor)!r} (permission denied)")
+        return f"cannot write in {str(ancestor)!r} (permission denied)"
+    return None

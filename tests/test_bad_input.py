@@ -210,6 +210,8 @@ CASES = [
              needs_proc=True),
     BadInput("store-under-proc-import", _IMPORT, r"cannot create a spkprune store at /proc/spkprune-test-store \(",
              _weights_file, store="/proc/spkprune-test-store", needs_proc=True),
+    BadInput("store-missing-under-proc-ls", ("ls",), r"no spkprune store at /proc/spkprune-x, and none can be made there",
+             store="/proc/spkprune-x", needs_proc=True),
     BadInput("store-is-a-file", ("ls",), r"store path .*index.sqlite is a file, not a store directory",
              store="{store}/index.sqlite"),
     BadInput("store-is-someone-elses-directory-import", _IMPORT, r"project exists and is not a spkprune store",

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load
 
 from spkprune.errors import SpkpruneError
+from spkprune.paths import why_unwritable
 from spkprune.store import fs
 from spkprune.store.index import (
     BUSY_TIMEOUT_S, COLUMNS, INDEX_FILE, Artifact, CorruptRowError, artifact_from_row, check_store_info, init_schema,
@@ -62,6 +63,8 @@ class Store:
         directory): reading never creates a store."""
         root = Path(path).expanduser()
         try:
+            if not root.exists() and why_unwritable(root):
+                raise SpkpruneError(f"no spkprune store at {root}, and none can be made there: {why_unwritable(root)}")
             if not root.exists() or (root.is_dir() and not any(root.iterdir())):
                 return None
         except OSError as err:
