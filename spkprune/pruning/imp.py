@@ -58,6 +58,11 @@ def run_imp(
     is complete does nothing (`report.nothing_to_do`). `resume=True` demands that `name` already holds this run.
     """
     lottery = _open(store, ref, name, settings, control, resume, progress, log)
+    # A run killed after saving a round, before dropping that round's epoch states, left them behind.
+    kinds = ["ticket"] + ([control] if control != "none" else [])
+    for kind, k in [(kind, k) for kind in kinds for k in lottery.rounds(kind) if k > 0]:
+        if lottery.done(kind, k):
+            lottery.states(kind, k).drop()
     levels = lottery.pending(control)
     nothing_to_do = not levels and lottery.done("ticket", 0)
     _round_zero(lottery)

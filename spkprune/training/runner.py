@@ -171,6 +171,8 @@ def resume_in_store(store: Store, name: str, *, overrides: dict | None = None, p
         art = store.resolve(name)
         if art.meta.get("train"):
             _check_same(TrainConfig(**art.meta["train"]), overrides, name)
+        if distributed.is_main() and store.exists(name, STATE_TAG):
+            store.delete(name, STATE_TAG)  # the run was killed after saving NAME@main, before removing its state
         return TrainOutcome(art, art.meta.get("metrics", {}), None, None)
     if not store.exists(name, "init"):
         raise SpkpruneError(f"nothing to resume: {name}@init is not in the store; start the run without --resume")
