@@ -82,6 +82,10 @@ def test_existing_name_is_refused_without_resume(trained):
     assert sorted(a.ref for a in Store.open(root).list()) == before
     finished = _cli(root, "train", "--name", "d", "--resume", "--no-progress")
     assert finished.exit_code == 0 and "already finished" in finished.stderr
+    same_arch = _cli(root, "train", "--name", "d", "--resume", "--arch", "spikformer-2-64-digits", "--no-progress")
+    assert same_arch.exit_code == 0 and "already finished" in same_arch.stderr, same_arch.stderr
+    other_arch = _one_error_line(_cli(root, "train", "--name", "d", "--resume", "--arch", "spikformer-4-64-digits"))
+    assert "these differ: --arch spikformer-4-64-digits (the run has spikformer-2-64-digits)" in other_arch
     changed = _one_error_line(_cli(root, "train", "--name", "d", "--resume", "--lr", "0.5", "--no-progress"))
     assert "--resume continues d with its own settings" in changed and "lr 0.5" in changed
     assert sorted(a.ref for a in Store.open(root).list()) == before

@@ -21,8 +21,7 @@ def run_train(store: Store, settings: TrainSettings, *, progress: bool = True) -
     info = distributed.init_distributed()
     try:
         if settings.resume:
-            if settings.arch or settings.init:
-                raise SpkpruneError("--resume continues NAME as it was started; drop --arch and --init")
+            _check_same_origin(store, settings)
             return resume_in_store(store, settings.name, overrides=overrides, progress=progress and info.is_main)
         cfg = TrainConfig.for_dataset(overrides.pop("dataset", "digits"), **overrides)
         arch = settings.arch
@@ -34,6 +33,21 @@ def run_train(store: Store, settings: TrainSettings, *, progress: bool = True) -
         )
     finally:
         distributed.shutdown()
+
+
+def _check_same_origin(store: Store, settings: TrainSettings) -> None:
+    """`--resume` with --arch / --init: allowed when they name what the run was started from, refused otherwise."""
+    if settings.arch is None and settings.init is None:
+        return
+    started = store.get(settings.name, "init")
+    if started is None:
+        return  # nothing to resume: resume_in_store says so
+    origin = {"--arch": started.meta.get("arch"), "--init": (started.meta.get("run") or {}).get("init")}
+    given = {"--arch": settings.arch, "--init": settings.init}
+    differ = [f"{flag} {value} (the run has {origin[flag]})" for flag, value in given.items()
+              if value is not None and value != origin[flag]]
+    if differ:
+        raise SpkpruneError(f"--resume continues {settings.name} as it was started; these differ: {', '.join(differ)}")
 
 
 def run_evaluate(store: Store | None, settings: EvaluateSettings) -> dict:
