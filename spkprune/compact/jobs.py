@@ -8,6 +8,7 @@ from spkprune.checkpoint import load_checkpoint, save_checkpoint
 from spkprune.compact.compaction import Compaction, compact_checkpoint
 from spkprune.compact.settings import CompactSettings
 from spkprune.errors import SpkpruneError
+from spkprune.models.families import family_of_meta, require
 from spkprune.store import Artifact, Store, check_name, parse_ref
 
 
@@ -29,6 +30,7 @@ def run_compact(store: Store, settings: CompactSettings) -> CompactOutcome:
         raise SpkpruneError(f"{settings.name}@main already exists in the store; choose another --name or pass "
                             "--overwrite")
     source = load_checkpoint(settings.ref, store)
+    require(family_of_meta(source.meta), "channel_structures", "compact")
     compaction = compact_checkpoint(source)
     artifact = save_checkpoint(store, settings.name, "main", compaction.checkpoint, parent=source.ref,
                                replace=settings.overwrite)

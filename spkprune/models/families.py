@@ -303,3 +303,10 @@ __all__ = [
     "list_families",
     "preset_rows",
 ]
+
+
+def require(family: Family | None, capability: str, command: str) -> None:
+    """One line when `command` needs a `capability` (a Family flag) that `family` does not have yet."""
+    if family is not None and not getattr(family, capability):
+        able = [name for name, other in FAMILIES.items() if getattr(other, capability)]
+        raise SpkpruneError(f"{command} does not work on the {family.name} family yet (it works on: {', '.join(able)})")

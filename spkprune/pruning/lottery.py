@@ -18,6 +18,7 @@ from torch import nn
 from spkprune.checkpoint import Checkpoint, load_artifact, save_checkpoint, sparsity_report
 from spkprune.errors import SpkpruneError
 from spkprune.models import model_from_config
+from spkprune.models.families import family_of_meta, require
 from spkprune.models.selector import attach_selectors, selector_config
 from spkprune.pruning import masks as M
 from spkprune.pruning.granularity import pruning_strategy
@@ -44,6 +45,8 @@ class Lottery:
         source = {"source": src.art.ref, "source_sha256": src.art.sha256}
         self.identity = {**settings.to_dict(), "seed": self.seed, **source}
         self.rewind = resolve_rewind(store, src, settings.rewind)
+        if settings.granularity == "channel":
+            require(family_of_meta(src.ckpt.meta), "channel_structures", "imp --granularity channel")
         self.pruning = pruning_strategy(settings, src.structures, src.eligible)
         self.pruning.check(src.base_masks, self.levels)  # a level it cannot reach is refused before any work
 
