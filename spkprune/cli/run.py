@@ -11,7 +11,9 @@ import yaml
 
 from spkprune.cli.app import DEFAULT_STORE, app, chosen_store_dir
 from spkprune.cli.render import FORMATS, render_frame, stderr
+from spkprune.errors import SpkpruneError
 from spkprune.recipes import load_recipe, plan, plan_frame, run_recipe, summary_frame
+from spkprune.recipes.worker import run_in_workers
 
 
 @app.command("run")
@@ -25,10 +27,16 @@ def run_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show what would run or be skipped; run nothing."),
     show: bool = typer.Option(False, "--show", help="Print the resolved recipe (after overrides and ${...}) as YAML."),
     fmt: Literal[FORMATS] = typer.Option("table", "--format", help="Summary output: table, json, csv or md."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", help="Stages to run at once, each in a worker process with its share of the cores "
+        "(independent sweep points in parallel).",
+    ),
 ) -> None:
     """Run a pipeline recipe: train -> imp -> select-tokens -> evaluate -> flops -> export, resumable.
 
     The store is --store, else $SPKPRUNE_STORE, else the recipe's `store`, else ./spkprune-store."""
+    if jobs < 1:
+        raise SpkpruneError(f"--jobs: must be >= 1 (got {jobs})")
     resolved = load_recipe(recipe, overrides or [])
     store = chosen_store_dir(ctx) or Path(resolved.store or DEFAULT_STORE)
     if show:
@@ -37,9 +45,13 @@ def run_command(
     if dry_run:
         render_frame(plan_frame(plan(resolved, store)), fmt, title=f"plan for {resolved.name} (store {store})")
         return
-    report = run_recipe(resolved, store, log=lambda message: stderr.print(message, markup=False, highlight=False))
+    report = run_in_workers(resolved, store, jobs, log=_log) if jobs > 1 else run_recipe(resolved, store, log=_log)
     plots = report.plots
     extra = {"recipe": resolved.name, "store": str(store), "plots": plots}
     if fmt == "table":
         extra = {"store": str(store), **({"plots": ", ".join(plots)} if plots else {})}
     render_frame(summary_frame(report), fmt, title=f"recipe {resolved.name}", extra=extra)
+
+
+def _log(message: str) -> None:
+    stderr.print(message, markup=False, highlight=False)

@@ -141,6 +141,12 @@ def run_recipe(recipe: Recipe, store_root: str | os.PathLike, *, log: Log = lamb
         return RunReport(recipe, store_root, outcomes)
 
 
+def run_one_stage(recipe: Recipe, stage: Stage, action: str, reason: str, store: Store, record: RunRecord,
+                  log: Log) -> StageOutcome:
+    """Run one stage whose action (run or resume) the caller decided: a worker of `spkprune run --jobs N`."""
+    return _run_stage(recipe, stage, action, reason, record.stage(stage.name), store, record, log)
+
+
 def _run_stage(
     recipe: Recipe, stage: Stage, action: str, reason: str, entry: dict | None, store: Store,
     record: RunRecord | None, log: Log,

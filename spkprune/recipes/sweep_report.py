@@ -78,7 +78,15 @@ def _point_row(recipe: SweepRecipe, point: SweepPoint, record: RunRecord, store:
     status = "done" if finished == len(point.stages) else "not run" if finished == 0 else "partial"
     row = {**point.values, "status": status, "model": model}
     row.update({column: merged.get(key) for column, key in MEASURES.items()})
+    row["keep"] = _keep_text(row["keep"])
     return row
+
+
+def _keep_text(keep: Any) -> Any:
+    """A selector's keep ratios (one per location): the ratio itself when there is one, else `0.9, 0.7`."""
+    if isinstance(keep, (list, tuple)):
+        return keep[0] if len(keep) == 1 else ", ".join(f"{k:g}" for k in keep)
+    return keep
 
 
 def _model_ref(recipe: SweepRecipe, point: SweepPoint) -> str | None:
@@ -113,7 +121,7 @@ def pareto_mask(frame: pd.DataFrame, cost: str, *, lower_is_better: bool) -> pd.
     """True for the points no other point beats on both top-1 and `cost` (None where either is unknown)."""
     known = frame[["top1", cost]].dropna()
     mask = pd.Series([None] * len(frame), index=frame.index, dtype=object)
-    ordered = known.sort_values([cost, "top1"], ascending=[lower_is_better, False])
+    ordered = known.sort_values([cost, "top1"], ascending=[lower_is_better, False], kind="stable")
     best = float("-inf")
     for index, row in ordered.iterrows():
         mask[index] = bool(row["top1"] > best)
@@ -136,7 +144,7 @@ def draw_plots(frame: pd.DataFrame, recipe: SweepRecipe, out: Path) -> list[Path
         figure = draw(plt, done, recipe)
         if figure is None:
             continue
-        path = out / f"{recipe.name}-sweep-{draw.__name__.strip('_').replace('_', '-')}.png"
+        path = out / f"{recipe.name}-{draw.__name__.strip('_').replace('_', '-')}.png"
         figure.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(figure)
         drawn.append(path)
@@ -144,8 +152,10 @@ def draw_plots(frame: pd.DataFrame, recipe: SweepRecipe, out: Path) -> list[Path
 
 
 def _heat_map(plt, done: pd.DataFrame, recipe: SweepRecipe):
-    cells = done.dropna(subset=["top1", "keep", "sparsity"]).copy()
+    cells = done.dropna(subset=["top1", "keep", "sparsity"])
+    cells = cells[cells["keep"].map(lambda keep: isinstance(keep, (int, float)))].copy()
     cells["sparsity"] = cells["sparsity"].astype(float).round(3)
+    cells["keep"] = cells["keep"].astype(float)
     if cells["keep"].nunique() < 2 or cells["sparsity"].nunique() < 2:
         return None
     grid = cells.pivot_table(index="sparsity", columns="keep", values="top1", aggfunc="mean") * 100
@@ -180,16 +190,13 @@ def _pareto(plt, done: pd.DataFrame, recipe: SweepRecipe, cost: str, label: str,
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.scatter(known[cost], known["top1"] * 100, color="tab:gray", label="grid point", zorder=2)
     axes.plot(front[cost], front["top1"] * 100, "o-", color="tab:red", label="Pareto front", zorder=3)
-    for _, row in known.iterrows():
-        axes.annotate(_point_label(row, recipe), (row[cost], row["top1"] * 100), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7)
+    for index, (_, row) in enumerate(known.sort_values(cost).iterrows()):
+        axes.annotate(", ".join(f"{row[axis.key]}" for axis in recipe.axes), (row[cost], row["top1"] * 100),
+                      textcoords="offset points", xytext=(5, 4 if index % 2 == 0 else -11), fontsize=7)
     axes.set_xlabel(label + (" (lower is better)" if lower_is_better else " (higher is better)"))
     axes.set_ylabel("top-1 (%)")
     axes.set_title(f"{recipe.name}: top-1 against {cost.split(' ')[0]}")
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="lower right", title="points: " + ", ".join(axis.key for axis in recipe.axes),
+                title_fontsize=8)
     return figure
-
-
-def _point_label(row: pd.Series, recipe: SweepRecipe) -> str:
-    return " ".join(f"{axis.label}={row[axis.key]}" for axis in recipe.axes)
