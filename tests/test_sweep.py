@@ -19,7 +19,7 @@ from spkprune.recipes import RecipeError, load_recipe, parse_recipe, run_recipe
 from spkprune.recipes.record import RunRecord
 from spkprune.recipes.sweep import MAX_POINTS, SweepRecipe
 from spkprune.recipes.sweep_report import sweep_report
-from spkprune.recipes.worker import run_in_workers
+from spkprune.recipes.worker import _Pool, _Worker, run_in_workers
 from spkprune.store import Store
 from test_recipes import FakeLibrary, _save
 
@@ -255,6 +255,18 @@ def test_a_failing_stage_stops_the_run_and_keeps_what_finished(tmp_path):
     assert record.stage("dense")["status"] == "done"
     assert record.stage("ticket-target0.5")["status"] == "running"
     assert not any(kind == "select-tokens" and "target0.5" in name for kind, name in calls(log))
+
+
+def test_a_bench_stage_runs_alone(tmp_path):
+    recipe = parse_recipe(GRID + "  speed: {type: bench, refs: [dense, selected]}\n")
+    bench = recipe.stage("speed-target0.8-keep0.5")
+    assert bench.options["refs"] == ["grid-dense@main", "grid-selected-target0.8-keep0.5@main"]
+    pool = _Pool(recipe, tmp_path, 2, lambda message: None, ())
+    assert pool.may_start(bench) and pool.may_start(recipe.stage("dense"))
+    pool.workers = [_Worker(1, None, recipe.stage("dense"))]
+    assert not pool.may_start(bench) and pool.may_start(recipe.stage("ticket-target0.5"))
+    pool.workers = [_Worker(1, None, bench)]
+    assert not pool.may_start(recipe.stage("ticket-target0.5"))
 
 
 def test_jobs_must_be_at_least_one(tmp_path):

@@ -37,6 +37,7 @@ from spkprune.recipes.runner import Log, RunReport, StageOutcome, plan, run_one_
 from spkprune.store import Store
 
 WORKER = (sys.executable, "-m", "spkprune.recipes.worker")
+RUNS_ALONE = ("bench",)  # stage types that measure time: nothing else runs beside them
 POLL_S = 0.1
 STOP_WAIT_S = 30.0
 
@@ -144,17 +145,28 @@ class _Pool:
     def run(self, todo: list[tuple[Stage, StageOutcome]]) -> dict[str, StageOutcome]:
         names = {stage.name for stage, _ in todo}
         waiting, done = list(todo), {}
-        while waiting or any(worker.stage for worker in self.workers):
+        while waiting or self.busy():
             for item in [item for item in waiting if all(dep in done or dep not in names for dep in item[0].deps)]:
+                if not self.may_start(item[0]):
+                    continue
                 if not self.assign(*item, total=len(todo)):
                     break
                 waiting.remove(item)
-            if not any(worker.stage for worker in self.workers):  # cannot happen: a stage reads earlier stages
+            if not self.busy():  # cannot happen: a stage reads earlier stages
                 raise SpkpruneError(f"no stage can start: {', '.join(stage.name for stage, _ in waiting)}")
             worker, message = self.next_event()
             outcome = self.finished(worker, message)
             done[outcome.stage] = outcome
         return done
+
+    def busy(self) -> list[Stage]:
+        return [worker.stage for worker in self.workers if worker.stage is not None]
+
+    def may_start(self, stage: Stage) -> bool:
+        """A stage that measures speed runs alone, so that no other stage disturbs its timings."""
+        running = self.busy()
+        alone = stage.type.name in RUNS_ALONE or any(other.type.name in RUNS_ALONE for other in running)
+        return not (alone and running)
 
     def assign(self, stage: Stage, decision: StageOutcome, *, total: int) -> bool:
         """Send `stage` to an idle worker (started if there is room); False when all `jobs` workers are busy."""
@@ -246,6 +258,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run each stage named on stdin; answer {"outcome": ...} or {"error": ...} per stage on stdout."""
     args = _arguments(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's interrupt, even if started ignoring it
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything else printed goes to the log, not the answers
     torch.set_num_threads(max(1, args.threads))
