@@ -101,7 +101,8 @@ def _grid_with_overrides(grid: Any, overrides: list[str], where: str) -> dict:
             raise RecipeError(f"override {item!r}: expected a YAML list of values, such as [0.5, 0.9]") from None
         grid[key.strip()[len(SWEEP_KEY) + 1:].replace("-", "_")] = value if isinstance(value, list) else [value]
     if not grid:
-        raise RecipeError(f"{where}: {SWEEP_KEY}: empty; give at least one KEY: [values], e.g. ticket.target: [0.5, 0.9]")
+        raise RecipeError(f"{where}: {SWEEP_KEY}: empty; give at least one KEY: [values], "
+                          "e.g. ticket.target: [0.5, 0.9]")
     return grid
 
 
@@ -227,7 +228,8 @@ def _merge(axes: list[Axis], points: list[_Point], where: str) -> SweepRecipe:
             if (name, stage.hash) not in expanded:
                 suffix = "".join(f"-{axis.label}{_text(point.values[axis.key])}" for axis in changing[name])
                 expanded[(name, stage.hash)] = _renamed(stage, suffix, point.recipe, expanded)
-        sweep_points.append(SweepPoint(point.values, {n: expanded[(n, point.recipe.stage(n).hash)].name for n in names}))
+        played = {name: expanded[(name, point.recipe.stage(name).hash)].name for name in names}
+        sweep_points.append(SweepPoint(point.values, played))
     stages = [stage for (name, _), stage in sorted(expanded.items(), key=lambda item: names.index(item[0][0]))]
     _check_unique(stages, where)
     variables = {**first.vars, **{axis.path[1]: list(axis.values) for axis in axes if axis.path[0] == "vars"}}
@@ -314,8 +316,7 @@ def _output_ref(new: Stage, old: Stage) -> str | None:
 def _check_unique(stages: list[Stage], where: str) -> None:
     seen: dict[tuple[str, str], str] = {}
     for stage in stages:
-        for kind in ("stage", "artifact", "out"):
-            value = stage.name if kind == "stage" else stage.artifact if kind == "artifact" else stage.options.get("out")
+        for kind, value in (("stage", stage.name), ("artifact", stage.artifact), ("out", stage.options.get("out"))):
             if value is None:
                 continue
             if (kind, value) in seen:
