@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
+from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
@@ -370,13 +371,7 @@ class QKFormer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images `[B,C,H,W]` (repeated over T) or event frames `[B,T,C,H,W]` -> the `[T,B,C,H,W]` sequence."""
         cfg = self.config
-        sample = (cfg.in_channels, cfg.img_size, cfg.img_size)
-        if x.dim() == 4 and tuple(x.shape[1:]) == sample:
-            return x.unsqueeze(0).repeat(cfg.timesteps, 1, 1, 1, 1)
-        if x.dim() == 5 and tuple(x.shape[2:]) == sample:
-            return x.transpose(0, 1).contiguous()
-        chw = ",".join(map(str, sample))
-        raise SpkpruneError(f"{self.name} expects images [B,{chw}] or event frames [B,T,{chw}], got {list(x.shape)}")
+        return time_major(x, cfg.in_channels, cfg.img_size, cfg.timesteps, self.name)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps `[T,B,D,g,g]`."""

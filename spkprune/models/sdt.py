@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
+from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF
 from spkprune.models.spikformer import check_state_dict
 
@@ -332,15 +333,7 @@ class SpikeDrivenTransformer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images `[B,C,H,W]` (repeated over T) or event frames `[B,T,C,H,W]` -> the `[T,B,C,H,W]` sequence."""
         cfg = self.config
-        sample = (cfg.in_channels, cfg.img_size, cfg.img_size)
-        if x.dim() == 4 and tuple(x.shape[1:]) == sample:
-            return x.unsqueeze(0).repeat(cfg.timesteps, 1, 1, 1, 1)
-        if x.dim() == 5 and tuple(x.shape[2:]) == sample:
-            return x.transpose(0, 1).contiguous()
-        raise SpkpruneError(
-            f"{self.name} expects images [B,{','.join(map(str, sample))}] or event frames "
-            f"[B,T,{','.join(map(str, sample))}], received {list(x.shape)}"
-        )
+        return time_major(x, cfg.in_channels, cfg.img_size, cfg.timesteps, self.name)
 
     def forward_features(self, sequence: torch.Tensor) -> torch.Tensor:
         """`[T,B,C,H,W]` input sequence -> the last block's membrane maps `[T,B,D,H',W']`."""
