@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
 
@@ -358,7 +358,7 @@ class QKFormer(nn.Module):
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF, by its original module path, in module order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+        return lif_sites(self)
 
     def selector_locations(self) -> list[int]:
         """None yet: only the last stage's tokens could be gathered away (docs/model-families.md, QKFormer)."""

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.spikformer import check_state_dict
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
@@ -317,7 +317,7 @@ class SpikeDrivenTransformer(nn.Module):
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF that fires, by its original module path, in module order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+        return lif_sites(self)
 
     def selector_locations(self) -> list[int]:
         """None yet: the blocks work on `[T,B,C,H,W]` maps, not token lists a selector can gather from."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max_pool_spikes
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.packing import packing_active, register_small_integers, register_spikes
 from spkprune.models.presets import SpikformerConfig
 
@@ -314,7 +314,7 @@ class Spikformer(nn.Module):
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF by its original module path, in forward order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, LIF)}
+        return lif_sites(self)
 
     def selector_locations(self) -> list[int]:
         """Blocks before which a token selector may sit (block 0 always sees every token)."""
