@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import fixturekit
 from spkprune.errors import SpkpruneError
 from spkprune.models.qkformer import QKFormer, QKFormerConfig, SpikingSelfAttention
 from spkprune.models.qkformer_presets import (
@@ -20,7 +20,7 @@ from spkprune.models.qkformer_presets import (
     original_kwargs,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "qkformer-small"
+FIXTURES = fixturekit.ROOT / "qkformer-small"
 GOLDEN = FIXTURES / "golden_small.safetensors"
 ACTIVATIONS = FIXTURES / "golden_small_activations.safetensors"
 
@@ -31,15 +31,11 @@ SILENT_IN_FIXTURE = {"stage3.0.ssa.attn_lif", "stage3.0.ssa.proj_lif"}
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(GOLDEN).items() if not k.startswith("__")}
+    return fixturekit.golden_state_dict(FIXTURES)
 
 
 def fixture_keys() -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in (FIXTURES / "keys.txt").read_text().splitlines():
-        key, shape = line.split(" ", 1)
-        rows.append((key, [int(d) for d in shape.strip("[]").split(",") if d.strip()]))
-    return rows
+    return fixturekit.fixture_keys(FIXTURES)
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,18 @@ interface. The fixture (tests/fixtures/sdt-small/README.md) was made by running 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import fixturekit
 from spkprune.errors import SpkpruneError
 from spkprune.models.sdt import SDTConfig, SpikeDrivenTransformer
 from spkprune.models.sdt_presets import SDT_PRESETS, create_sdt, get_sdt_config, list_sdt_models
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sdt-small"
+FIXTURES = fixturekit.ROOT / "sdt-small"
 GOLDEN = FIXTURES / "golden_small.safetensors"
 ACTIVATIONS = FIXTURES / "golden_small_activations.safetensors"
 
@@ -25,15 +25,11 @@ NEVER_CALLED = ("patch_embed.rpe_lif", "block.0.attn.attn_lif")
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(GOLDEN).items() if not k.startswith("__")}
+    return fixturekit.golden_state_dict(FIXTURES)
 
 
 def fixture_keys() -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in (FIXTURES / "keys.txt").read_text().splitlines():
-        key, shape = line.split(" ", 1)
-        rows.append((key, [int(d) for d in shape.strip("[]").split(",") if d.strip()]))
-    return rows
+    return fixturekit.fixture_keys(FIXTURES)
 
 
 @pytest.fixture(scope="module")
