@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.cli import app
 from spkprune.errors import SpkpruneError
+from spkprune.models.families import FAMILIES
 from spkprune.recipes import STAGE_TYPES, RecipeError, load_recipe, parse_recipe, plan, run_recipe, summary_frame
 from spkprune.pruning.settings import ImpCommandSettings
 from spkprune.recipes import stages
@@ -406,6 +408,19 @@ def test_flops_stage_calls_the_library_like_the_command(tmp_path):
     cli = CliRunner().invoke(app, ["--store", str(tmp_path / "s"), "flops", "report", "spikformer-2-64-digits",
                                    "--keep", "0.5", "--format", "json"])
     assert json.loads(cli.stdout)["totals"]["dense_macs"] == result["dense_macs"]
+
+
+@pytest.mark.parametrize("capability, stage, command", [
+    ("token_selection", "selected", "select-tokens"), ("counted", "flops", "flops report"),
+])
+def test_a_stage_its_family_cannot_run_fails_before_any_stage_runs(tmp_path, monkeypatch, capability, stage, command):
+    able = {"counted": True, "token_selection": True, capability: False}
+    monkeypatch.setitem(FAMILIES, "sdt", dataclasses.replace(FAMILIES["sdt"], **able))
+    fake = FakeLibrary(monkeypatch)
+    with pytest.raises(RecipeError) as err:
+        run_recipe(tiny(tmp_path, ["model=sdt-2-64-digits"]), tmp_path / "store")
+    assert f"stages.{stage}: {command} does not work on the sdt family yet" in str(err.value)
+    assert fake.calls == [] and not RunRecord.load(tmp_path / "store", "tiny").stages
 
 
 @pytest.mark.parametrize(
