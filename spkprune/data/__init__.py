@@ -20,9 +20,12 @@ def get_dataset(
     data_dir: str | Path | None = None,
     timesteps: int | None = None,
     augment: bool = False,
+    img_size: int | None = None,
 ) -> Dataset:
-    """One split of a data set; `timesteps` is the number of event frames (event data sets only)."""
+    """One split of a data set; `timesteps` is the number of event frames (event data sets only), `img_size` the side
+    the images or frames are resized to (data sets whose inputs can be resized; default: the data set's own)."""
     info = dataset_info(name)
+    img_size = img_size if img_size is not None and info.resizable else info.img_size
     if split not in SPLITS:
         raise SpkpruneError(f"unknown split {split!r}; choose train or test")
     # Each data set's module pulls in its own heavy dependency (scikit-learn, torchvision's ImageFolder,
@@ -38,11 +41,11 @@ def get_dataset(
     if name == "imagenet":
         from spkprune.data.imagenet import imagenet_dataset
 
-        return imagenet_dataset(split, data_dir, info.img_size, augment=augment)
+        return imagenet_dataset(split, data_dir, img_size, augment=augment)
     from spkprune.data.dvs import EventFramesDataset
 
     return EventFramesDataset(
-        name, split, data_dir, timesteps or info.default_timesteps, info.img_size, augment=augment
+        name, split, data_dir, timesteps or info.default_timesteps, img_size, augment=augment
     )
 
 

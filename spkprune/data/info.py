@@ -17,6 +17,13 @@ class DatasetInfo:
     default_preset: str
     default_timesteps: int
 
+    @property
+    def resizable(self) -> bool:
+        """Its inputs are resized to the model's image size (event frames by area pooling, ImageNet by its
+        transform), so a model made for a smaller size fits it: the Spike-driven Transformer's CIFAR10-DVS models
+        take 64x64 frames of the 128x128 sensor."""
+        return self.is_event or self.name == "imagenet"
+
 
 _INFO = {
     "digits": DatasetInfo("digits", 10, 1, 8, False, "spikformer-2-64-digits", 4),

@@ -15,7 +15,10 @@ def _fit_problems(cfg, dataset: str) -> dict:
     """{field: (the model's, the data set's)} for the classes, channels and image size that differ."""
     info = dataset_info(dataset)
     wanted = {"num_classes": info.num_classes, "in_channels": info.in_channels, "img_size": info.img_size}
-    return {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
+    problems = {k: (getattr(cfg, k), v) for k, v in wanted.items() if getattr(cfg, k) != v}
+    if info.resizable and cfg.img_size <= info.img_size:  # inputs are resized down to the model's size
+        problems.pop("img_size", None)
+    return problems
 
 
 def suggested_preset(model: nn.Module, dataset: str) -> str:
@@ -43,9 +46,10 @@ def train_test_splits(
 ) -> tuple[Dataset, Dataset]:
     """The train split (augmented as `cfg.augment` says) and the test split of `cfg.dataset` at the model's time
     steps; a split given as `train_data` / `test_data` is used as it is."""
-    timesteps = getattr(getattr(model, "config", None), "timesteps", None)
+    config = getattr(model, "config", None)
+    shape = {"timesteps": getattr(config, "timesteps", None), "img_size": getattr(config, "img_size", None)}
     if train_data is None:
-        train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment)
+        train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, augment=cfg.augment, **shape)
     if test_data is None:
-        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps, augment=False)
+        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, augment=False, **shape)
     return train_data, test_data
