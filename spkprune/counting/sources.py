@@ -51,7 +51,8 @@ def check_dataset_fits(model: nn.Module, name: str) -> None:
     wants_events = cfg.variant == "dvs"
 
     def fits(info) -> bool:
-        return (info.in_channels, info.img_size, info.is_event) == (cfg.in_channels, cfg.img_size, wants_events)
+        size_fits = info.img_size == cfg.img_size or (info.resizable and cfg.img_size < info.img_size)
+        return size_fits and (info.in_channels, info.is_event) == (cfg.in_channels, wants_events)
 
     info = dataset_info(name)
     if fits(info):
@@ -75,5 +76,5 @@ def dataset_batches(
     check_dataset_fits(model, name)
     info = dataset_info(name)
     timesteps = model.config.timesteps if info.is_event else None
-    dataset = get_dataset(name, "test", data_dir=data_dir, timesteps=timesteps)
+    dataset = get_dataset(name, "test", data_dir=data_dir, timesteps=timesteps, img_size=model.config.img_size)
     return itertools.islice(make_loader(dataset, batch_size, train=False), batches)

@@ -124,7 +124,8 @@ def _train(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: M.Masks
 
 
 def _test_metrics(model: nn.Module, cfg: TrainConfig) -> dict:
-    data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=model.config.timesteps, augment=False)
+    data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=model.config.timesteps, augment=False,
+                       img_size=model.config.img_size)
     return evaluate(model, data, cfg.eval_batch_size, record_firing=False, amp=cfg.amp)
 
 

@@ -292,8 +292,9 @@ def analysis_model(ckpt, selector: dict | None = None) -> nn.Module:
     return attach_selectors(model, selector)
 
 
-def sample_images(dataset: str, data_dir: str | None, count: int, timesteps: int | None) -> torch.Tensor:
-    """The first `count` images of the test split (a fixed, reproducible sample)."""
-    data = get_dataset(dataset, "test", data_dir, timesteps=timesteps)
+def sample_images(dataset: str, data_dir: str | None, count: int, timesteps: int | None,
+                  img_size: int | None = None) -> torch.Tensor:
+    """The first `count` images of the test split (a fixed, reproducible sample) at the model's image size."""
+    data = get_dataset(dataset, "test", data_dir, timesteps=timesteps, img_size=img_size)
     count = min(count, len(data))
     return torch.stack([data[i][0] for i in range(count)])

@@ -107,10 +107,11 @@ def select_tokens(
     teacher_net = teacher_model(source, teacher)
     timesteps = model.config.timesteps
     if test_data is None:
-        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps)
+        test_data = get_dataset(cfg.dataset, "test", cfg.data_dir, timesteps=timesteps, img_size=model.config.img_size)
     if selection.scorer == "learned" and selection.init == "firing-rate":
         if train_data is None:
-            train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment)
+            train_data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=timesteps, augment=cfg.augment,
+                                     img_size=model.config.img_size)
         warm_start_from_firing_rate(model, _first_images(train_data, WARM_START_SAMPLES))
     history: list[dict] = []
     if epochs > 0:

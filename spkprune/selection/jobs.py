@@ -124,7 +124,7 @@ def _analyze(ckpt: Checkpoint, settings: SelectTokensSettings, log: Log) -> Toke
     if not dataset:
         raise SpkpruneError(f"{ckpt.ref or 'the checkpoint'} records no data set; pass --dataset")
     images = sample_images(dataset, settings.data_dir or train.get("data_dir"), settings.samples,
-                           model.config.timesteps)
+                           model.config.timesteps, model.config.img_size)
     analysis = analyze_tokens(model, images)
     paths = write_analysis(analysis, settings.out)
     for path in paths.values():

@@ -258,7 +258,7 @@ def evaluate_checkpoint(
     model = build_model(ckpt)
     check_compatible(model, dataset)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps)
+    data = get_dataset(dataset, "test", data_dir, timesteps=model.config.timesteps, img_size=model.config.img_size)
     metrics = evaluate(model.to(device), data, batch_size, record_firing=True, device=device, compile=compile)
     tokens = tokens_per_block(model) if len(getattr(model, "token_selectors", {})) > 0 else None
     return {"ref": ckpt.ref or ref, "dataset": dataset, "timesteps": model.config.timesteps, **metrics,
