@@ -294,6 +294,29 @@ def test_cifar10_dvs_frame_cache_loads_with_per_class_split(tmp_path):
     assert torch.all(train[0][0] == 0.0)
 
 
+def test_event_frames_come_at_the_model_size_and_a_smaller_model_fits(tmp_path):
+    """The Spike-driven Transformer's CIFAR10-DVS models take 64x64 frames: 128x128 frames are area-pooled."""
+    from spikingjelly.datasets.cifar10_dvs import CIFAR10DVS_CLASS_NAMES
+
+    from spkprune.models import create_model
+    from spkprune.training.datasets import check_compatible
+
+    cache = tmp_path / "frames_number_10_split_by_number"
+    for label, cls in enumerate(CIFAR10DVS_CLASS_NAMES):
+        folder = cache / cls
+        folder.mkdir(parents=True)
+        frames = np.zeros((10, 2, 128, 128), dtype=np.float32)
+        frames[:, :, :2, :2] = [[1.0, 2.0], [3.0, 6.0]]  # one 2x2 patch: its mean (3) is the 64x64 frame's [0, 0]
+        np.savez_compressed(folder / "sample_000.npz", frames=frames)
+        np.savez_compressed(folder / "sample_001.npz", frames=frames)
+    test = get_dataset("cifar10-dvs", "test", data_dir=tmp_path, timesteps=10, img_size=64)
+    frames, _ = test[0]
+    assert frames.shape == (10, 2, 64, 64) and frames[0, 0, 0, 0] == 3.0 and frames[0, 0, 0, 1] == 0.0
+    with torch.device("meta"):
+        check_compatible(create_model("sdt-2-256-cifar10dvs"), "cifar10-dvs")  # 64 < 128: fits
+    assert get_dataset("digits", "test", img_size=4)[0][0].shape == (1, 8, 8)  # digits are not resized
+
+
 def test_cifar10_dvs_builds_frames_from_events(tmp_path):
     """spikingjelly's own integration step runs on raw events under events_np/ (no download, no raw archives)."""
     rng = np.random.default_rng(0)
