@@ -7,9 +7,10 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from spkprune.errors import SpkpruneError
+from spkprune.models.widths import BLOCK_WIDTHS, STEM_WIDTHS, width_of, width_problems, widths_as_lists
 
 VARIANTS = ("cifar", "dvs", "imagenet")
-WIDTH_FIELDS = {"block_heads": None, "block_mlp_hidden": None, "stem_channels": 3}  # field -> length (None: depth)
+WIDTH_FIELDS = {**BLOCK_WIDTHS, **STEM_WIDTHS}  # field -> length (None: depth)
 
 
 @dataclass(frozen=True)
@@ -57,27 +58,13 @@ class SpikformerConfig:
         for name in ("depth", "timesteps", "num_classes", "in_channels", "mlp_ratio"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        problems += self._width_problems()
+        problems += width_problems(self, WIDTH_FIELDS)
         if problems:
             raise SpkpruneError("invalid model configuration: " + "; ".join(problems))
 
-    def _width_problems(self) -> list[str]:
-        """Normalise the per-block widths to tuples (JSON gives lists) and list what is wrong with them."""
-        problems = []
-        for name, length in WIDTH_FIELDS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            widths = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-            object.__setattr__(self, name, widths)
-            expected = self.depth if length is None else length
-            if len(widths) != expected or not all(isinstance(w, int) and w >= 1 for w in widths):
-                problems.append(f"{name} must be {expected} whole numbers >= 1, got {list(widths)}")
-        return problems
-
     def heads_of(self, block: int) -> int:
         """Attention heads of block `block`."""
-        return self.num_heads if self.block_heads is None else self.block_heads[block]
+        return width_of(self.block_heads, block, self.num_heads)
 
     @property
     def head_dim(self) -> int:
@@ -86,7 +73,7 @@ class SpikformerConfig:
 
     def mlp_hidden_of(self, block: int) -> int:
         """MLP hidden channels of block `block`."""
-        return self.embed_dim * self.mlp_ratio if self.block_mlp_hidden is None else self.block_mlp_hidden[block]
+        return width_of(self.block_mlp_hidden, block, self.embed_dim * self.mlp_ratio)
 
     @property
     def stem_widths(self) -> tuple[int, int, int]:
@@ -110,10 +97,7 @@ class SpikformerConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("extras")
-        for name in WIDTH_FIELDS:  # JSON's form, so that a stored config compares equal to a fresh one
-            if data[name] is not None:
-                data[name] = list(data[name])
-        return data
+        return widths_as_lists(data, WIDTH_FIELDS)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SpikformerConfig":

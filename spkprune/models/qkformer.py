@@ -21,135 +21,16 @@ the rest of the batch.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 
-from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
+from spkprune.models.qkformer_config import FIRST_EMBED, NEXT_EMBED, ConvUnit, EmbedSpec, QKFormerConfig
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
 
-VARIANTS = ("cifar", "dvs", "imagenet")
 SSA_SCALE = 0.125  # the original's fixed scale, whatever the head width
-
-
-class ConvUnit(NamedTuple):
-    """One `<prefix>_conv` (3x3) -> `<prefix>_bn` -> optional max-pool -> `<prefix>_lif` of a patch embedding."""
-
-    prefix: str
-    width_divisor: int  # output channels = stage width // width_divisor
-    pool: str | None  # attribute name of the 3x3 stride-2 max-pool between BatchNorm and neuron, if any
-
-
-class EmbedSpec(NamedTuple):
-    units: tuple[ConvUnit, ...]
-    shortcut_from: int | None  # the unit whose spikes feed `proj_res_conv`; None: the embedding's input
-    shortcut_stride: int
-
-
-_FIRST_EMBED = {  # the original's `PatchEmbedInit`
-    "cifar": EmbedSpec((ConvUnit("proj", 2, None), ConvUnit("proj1", 1, None)), shortcut_from=0, shortcut_stride=1),
-    "dvs": EmbedSpec(
-        (ConvUnit("proj", 8, None), ConvUnit("proj1", 4, "maxpool1"), ConvUnit("proj2", 2, "maxpool2"),
-         ConvUnit("proj3", 1, "maxpool3")),
-        shortcut_from=1, shortcut_stride=4,
-    ),
-    "imagenet": EmbedSpec(
-        (ConvUnit("proj", 2, "proj_maxpool"), ConvUnit("proj1", 1, "proj1_maxpool"), ConvUnit("proj2", 1, None)),
-        shortcut_from=0, shortcut_stride=2,
-    ),
-}
-_NEXT_EMBED = {  # the original's `PatchEmbeddingStage`: halves the grid, doubles the width
-    "cifar": EmbedSpec((ConvUnit("proj3", 1, None), ConvUnit("proj4", 1, "proj4_maxpool")), None, 2),
-    "dvs": EmbedSpec((ConvUnit("proj", 1, None), ConvUnit("proj4", 1, "proj4_maxpool")), None, 2),
-    "imagenet": EmbedSpec((ConvUnit("proj3", 1, "proj3_maxpool"), ConvUnit("proj4", 1, None)), None, 2),
-}
-_FIRST_EMBED_SHRINK = {"cifar": 1, "dvs": 8, "imagenet": 4}
-
-
-@dataclass(frozen=True)
-class QKFormerConfig:
-    """Everything that decides a QKFormer's structure (the original constructor's names in brackets): `img_size`
-    (img_size_h = img_size_w), `embed_dim` (embed_dims: the last stage's width), `depth` (depths: blocks in all
-    stages; the DVS model always has 2), `timesteps` (T), `mlp_ratio` (mlp_ratios), `variant` (which original model
-    file). The CIFAR and DVS files hard-code 8 and 16 heads; other `num_heads` there are ours."""
-
-    img_size: int
-    in_channels: int
-    num_classes: int
-    embed_dim: int
-    num_heads: int
-    depth: int
-    timesteps: int
-    mlp_ratio: float = 4
-    variant: str = "cifar"
-    dataset: str | None = None
-
-    def __post_init__(self):
-        fields = ("img_size", "in_channels", "num_classes", "embed_dim", "num_heads", "depth", "timesteps")
-        problems = [f"{name} must be >= 1, got {getattr(self, name)}" for name in fields if getattr(self, name) < 1]
-        if self.variant not in VARIANTS:
-            problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        problems = problems or self._structure_problems()  # the structure's arithmetic needs sane numbers
-        if problems:
-            raise SpkpruneError("invalid QKFormer configuration: " + "; ".join(problems))
-
-    def _structure_problems(self) -> list[str]:
-        problems = []
-        if min(self.stage_depths) < 0 or sum(self.stage_depths) != self.depth:  # the DVS model is always 1 + 1
-            problems.append(f"depth {self.depth} does not fit the {self.variant} stages ({self.stage_depths} blocks)")
-        shrink = _FIRST_EMBED_SHRINK[self.variant] * 2 ** (len(self.stage_dims) - 1)  # image side / last grid side
-        if self.img_size % shrink:
-            problems.append(f"img_size {self.img_size} must be divisible by {shrink} ({self.variant})")
-        narrowest = 2 ** (len(self.stage_dims) - 1) * max(u.width_divisor for u in _FIRST_EMBED[self.variant].units)
-        if self.embed_dim % narrowest:
-            problems.append(f"embed_dim {self.embed_dim} must be divisible by {narrowest} (its narrowest stem conv)")
-        heads = self.num_heads
-        problems += [f"stage width {d} is not divisible by num_heads {heads}" for d in self.stage_dims if d % heads]
-        if min(self.mlp_hidden) < 1:
-            problems.append(f"mlp_ratio {self.mlp_ratio} leaves no hidden channels")
-        return problems
-
-    @property
-    def stage_dims(self) -> tuple[int, ...]:
-        """Channels of each stage: (C/4, C/2, C), or (C/2, C) for the DVS model."""
-        stages = 2 if self.variant == "dvs" else 3
-        return tuple(self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages))
-
-    @property
-    def stage_depths(self) -> tuple[int, ...]:
-        """Blocks in each stage; all but the last stage use Q-K token attention."""
-        return {"cifar": (1, 1, self.depth - 2), "dvs": (1, 1), "imagenet": (1, 2, self.depth - 3)}[self.variant]
-
-    @property
-    def stage_grids(self) -> tuple[int, ...]:
-        """Side of each stage's token grid."""
-        first = self.img_size // _FIRST_EMBED_SHRINK[self.variant]
-        return tuple(first // 2**i for i in range(len(self.stage_dims)))
-
-    @property
-    def stage_tokens(self) -> tuple[int, ...]:
-        """Tokens (grid positions) of each stage."""
-        return tuple(side**2 for side in self.stage_grids)
-
-    @property
-    def mlp_hidden(self) -> tuple[int, ...]:
-        return tuple(int(dim * self.mlp_ratio) for dim in self.stage_dims)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "QKFormerConfig":
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SpkpruneError(f"unknown QKFormer configuration keys: {', '.join(unknown)}")
-        return cls(**data)
 
 
 class SpikingPatchEmbed(nn.Module):
@@ -196,15 +77,17 @@ class _Attention(nn.Module):
     """Both attentions' layers in the original's order: per projection p `<p>_conv` (Conv1d, no bias), `<p>_bn`
     (BatchNorm1d), `<p>_lif`; `attn_lif` (threshold 0.5); `proj_conv` (with bias), `proj_bn`, `proj_lif`."""
 
-    def __init__(self, dim: int, num_heads: int, projections: tuple[str, ...]):
+    def __init__(self, dim: int, num_heads: int, projections: tuple[str, ...], head_dim: int | None = None):
         super().__init__()
-        self.num_heads = num_heads
+        # a compacted block may keep fewer heads than dim / head_dim, each as wide as the original's
+        self.num_heads, self.head_dim = num_heads, head_dim or dim // num_heads
+        inner = num_heads * self.head_dim
         for prefix in projections:
-            setattr(self, f"{prefix}_conv", nn.Conv1d(dim, dim, kernel_size=1, stride=1, bias=False))
-            setattr(self, f"{prefix}_bn", nn.BatchNorm1d(dim))
+            setattr(self, f"{prefix}_conv", nn.Conv1d(dim, inner, kernel_size=1, stride=1, bias=False))
+            setattr(self, f"{prefix}_bn", nn.BatchNorm1d(inner))
             setattr(self, f"{prefix}_lif", LIF())
         self.attn_lif = LIF(ATTN_THRESHOLD)
-        self.proj_conv = nn.Conv1d(dim, dim, kernel_size=1, stride=1)
+        self.proj_conv = nn.Conv1d(inner, dim, kernel_size=1, stride=1)
         self.proj_bn = nn.BatchNorm1d(dim)
         self.proj_lif = LIF()
 
@@ -217,13 +100,13 @@ class TokenQKAttention(_Attention):
     """The original `Token_QK_Attention` (`tssa`): per head, `attn_lif(sum over the head's channels of q)` is one
     spike per token that masks the token's k; then the output projection. Nothing mixes tokens. Returns spikes."""
 
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim, num_heads, ("q", "k"))
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None):
+        super().__init__(dim, num_heads, ("q", "k"), head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
         tokens = x.flatten(3).flatten(0, 1)
-        by_head = (T, B, self.num_heads, C // self.num_heads, H * W)
+        by_head = (T, B, self.num_heads, self.head_dim, H * W)
         q, k = (self._spikes(prefix, tokens, T).reshape(by_head) for prefix in ("q", "k"))
         token_mask = self.attn_lif(q.sum(dim=3, keepdim=True))  # [T,B,heads,1,N]
         masked = (token_mask * k).flatten(2, 3)
@@ -234,19 +117,19 @@ class SpikingSelfAttention(_Attention):
     """The original `Spiking_Self_Attention` (`ssa`; `attn` in the ImageNet file): per head `attn_lif((q @ (k^T @ v))
     * 0.125)`, then the output projection, whose neuron runs over `[T*B, C, N]` (module docstring). Returns spikes."""
 
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim, num_heads, ("q", "k", "v"))
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None):
+        super().__init__(dim, num_heads, ("q", "k", "v"), head_dim)
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,C,N] -> [T,B,heads,N,C/heads]
-        T, B, C, N = s.shape
-        return s.transpose(-1, -2).reshape(T, B, N, self.num_heads, C // self.num_heads).permute(0, 1, 3, 2, 4)
+        T, B, _, N = s.shape
+        return s.transpose(-1, -2).reshape(T, B, N, self.num_heads, self.head_dim).permute(0, 1, 3, 2, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
         tokens = x.flatten(3).flatten(0, 1)
         q, k, v = (self._heads(self._spikes(p, tokens, T)) for p in ("q", "k", "v"))
         attended = (q @ (k.transpose(-2, -1) @ v)) * SSA_SCALE  # sums of spikes: exact in float32
-        spikes = self.attn_lif(attended.transpose(3, 4).reshape(T, B, C, H * W))
+        spikes = self.attn_lif(attended.transpose(3, 4).reshape(T, B, -1, H * W))  # heads * head_dim channels
         out = self.proj_lif(self.proj_bn(self.proj_conv(spikes.flatten(0, 1))))  # neuron over T*B "steps"
         return out.reshape(T, B, C, H, W)
 
@@ -295,8 +178,8 @@ class QKFormer(nn.Module):
         super().__init__()
         self.config = cfg
         self.preset = preset
-        embeds = [SpikingPatchEmbed(_FIRST_EMBED[cfg.variant], cfg.in_channels, cfg.stage_dims[0])]
-        embeds += [SpikingPatchEmbed(_NEXT_EMBED[cfg.variant], d // 2, d) for d in cfg.stage_dims[1:]]
+        embeds = [SpikingPatchEmbed(FIRST_EMBED[cfg.variant], cfg.in_channels, cfg.stage_dims[0])]
+        embeds += [SpikingPatchEmbed(NEXT_EMBED[cfg.variant], d // 2, d) for d in cfg.stage_dims[1:]]
         stages = [nn.ModuleList(self._blocks(cfg, i)) for i in range(len(cfg.stage_dims))]
         embed_names = [(f"patch_embed{i}", embed) for i, embed in enumerate(embeds, 1)]
         stage_names = [(f"stage{i}", blocks) for i, blocks in enumerate(stages, 1)]
@@ -312,12 +195,15 @@ class QKFormer(nn.Module):
 
     @staticmethod
     def _blocks(cfg: QKFormerConfig, stage: int) -> list[Block]:
-        dim, hidden, heads = cfg.stage_dims[stage], cfg.mlp_hidden[stage], cfg.num_heads
+        dim, first = cfg.stage_dims[stage], sum(cfg.stage_depths[:stage])
         mlp_names = ("fc1", "fc2") if cfg.variant == "imagenet" else ("mlp1", "mlp2")
         last = stage == len(cfg.stage_dims) - 1
         name = ("attn" if cfg.variant == "imagenet" else "ssa") if last else "tssa"
         attention = SpikingSelfAttention if last else TokenQKAttention
-        return [Block(name, attention(dim, heads), MLP(dim, hidden, mlp_names)) for _ in range(cfg.stage_depths[stage])]
+        return [
+            Block(name, attention(dim, cfg.heads_of(b), cfg.head_dim_of(b)), MLP(dim, cfg.mlp_hidden_of(b), mlp_names))
+            for b in range(first, first + cfg.stage_depths[stage])
+        ]
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -32,15 +32,20 @@ from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.spikformer import check_state_dict
+from spkprune.models.widths import BLOCK_WIDTHS, STEM_WIDTHS, width_of, width_problems, widths_as_lists
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
+WIDTH_FIELDS = {**BLOCK_WIDTHS, **STEM_WIDTHS}
 
 
 @dataclass(frozen=True)
 class SDTConfig:
     """Everything that decides a Spike-driven Transformer's structure (the original constructor's names in
     brackets): `img_size` (img_size_h = img_size_w), `embed_dim` (embed_dims), `depth` (depths), `timesteps` (T),
-    `mlp_ratio` (mlp_ratios), `pooling_stat` (one "0"/"1" per stem stage: max-pool after it or not)."""
+    `mlp_ratio` (mlp_ratios), `pooling_stat` (one "0"/"1" per stem stage: max-pool after it or not).
+
+    A compacted model records its widths (`spkprune.models.widths`): `block_heads`, `block_mlp_hidden` and
+    `stem_channels` (the first three stem convs); None means the uniform widths of the original."""
 
     img_size: int
     in_channels: int
@@ -55,6 +60,9 @@ class SDTConfig:
     attn_mode: str = "direct_xor"
     spike_mode: str = "lif"
     dataset: str | None = None
+    block_heads: tuple[int, ...] | None = None
+    block_mlp_hidden: tuple[int, ...] | None = None
+    stem_channels: tuple[int, ...] | None = None
 
     def __post_init__(self):
         problems = []
@@ -73,6 +81,7 @@ class SDTConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mlp_hidden < 1:
             problems.append(f"mlp_ratio {self.mlp_ratio} leaves no hidden channels")
+        problems += width_problems(self, WIDTH_FIELDS)
         if problems:
             raise SpkpruneError("invalid Spike-driven Transformer configuration: " + "; ".join(problems))
 
@@ -103,13 +112,23 @@ class SDTConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        """The original's hidden width (every block's, unless `block_mlp_hidden` says otherwise)."""
         return int(self.embed_dim * self.mlp_ratio)
+
+    def heads_of(self, block: int) -> int:
+        """Attention heads of block `block` (each `head_dim` channels wide)."""
+        return width_of(self.block_heads, block, self.num_heads)
+
+    def mlp_hidden_of(self, block: int) -> int:
+        """MLP hidden channels of block `block`."""
+        return width_of(self.block_mlp_hidden, block, self.mlp_hidden)
 
     @property
     def stem_widths(self) -> tuple[int, int, int, int]:
         """Output channels of the four stem convs."""
         dim = self.embed_dim
-        return (dim // 8, dim // 4, dim // 2, dim)
+        inner = (dim // 8, dim // 4, dim // 2) if self.stem_channels is None else self.stem_channels
+        return (*inner, dim)
 
     def original_kwargs(self) -> dict:
         """The original `SpikeDrivenTransformer(...)` arguments that build this structure."""
@@ -122,7 +141,7 @@ class SDTConfig:
         )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return widths_as_lists(dataclasses.asdict(self), WIDTH_FIELDS)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SDTConfig":
@@ -183,20 +202,21 @@ class SpikingPatchEmbed(nn.Module):
 class SpikeDrivenSelfAttention(nn.Module):
     """The original `MS_SSA_Conv`: `x + proj_bn(proj_conv(SDSA(shortcut_lif(x))))` on membrane maps `[T,B,C,H,W]`."""
 
-    def __init__(self, cfg: SDTConfig):
+    def __init__(self, cfg: SDTConfig, index: int = 0):
         super().__init__()
-        dim, heads = cfg.embed_dim, cfg.num_heads
-        self.num_heads = heads
+        dim, heads = cfg.embed_dim, cfg.heads_of(index)  # a compacted block may keep fewer heads, each as wide
+        self.num_heads, self.head_dim = heads, cfg.head_dim
+        inner = heads * self.head_dim
         if cfg.dvs_mode:
             self.pool = _erode()
         for prefix in ("q", "k", "v"):
-            setattr(self, f"{prefix}_conv", nn.Conv2d(dim, dim, kernel_size=1, stride=1, bias=False))
-            setattr(self, f"{prefix}_bn", nn.BatchNorm2d(dim))
+            setattr(self, f"{prefix}_conv", nn.Conv2d(dim, inner, kernel_size=1, stride=1, bias=False))
+            setattr(self, f"{prefix}_bn", nn.BatchNorm2d(inner))
             setattr(self, f"{prefix}_lif", LIF())
         # Never called, as in the original; kept because every checkpoint holds its weight.
         self.talking_heads = nn.Conv1d(heads, heads, kernel_size=1, stride=1, bias=False)
         self.talking_heads_lif = LIF(ATTN_THRESHOLD)
-        self.proj_conv = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+        self.proj_conv = nn.Conv2d(inner, dim, kernel_size=1, stride=1)
         self.proj_bn = nn.BatchNorm2d(dim)
         self.shortcut_lif = LIF()
 
@@ -209,8 +229,8 @@ class SpikeDrivenSelfAttention(nn.Module):
         return getattr(self, f"{prefix}_lif")(unflatten_time(y, T))
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> [T,B,heads,N,C/heads]
-        T, B, C, H, W = s.shape
-        return s.flatten(3).transpose(-1, -2).reshape(T, B, H * W, self.num_heads, C // self.num_heads).transpose(2, 3)
+        T, B, _, H, W = s.shape
+        return s.flatten(3).transpose(-1, -2).reshape(T, B, H * W, self.num_heads, self.head_dim).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -219,7 +239,7 @@ class SpikeDrivenSelfAttention(nn.Module):
         k = self._heads(self._erode(self._spikes("k", spikes, T)))
         v = self._heads(self._erode(self._spikes("v", spikes, T)))
         kv = self.talking_heads_lif(self._erode(k * v).sum(dim=-2, keepdim=True))  # [T,B,heads,1,C/heads]
-        attended = self._erode(q * kv).transpose(3, 4).reshape(T, B, C, H, W)
+        attended = self._erode(q * kv).transpose(3, 4).reshape(T, B, -1, H, W)  # heads * head_dim channels
         out = self.proj_bn(self.proj_conv(attended.flatten(0, 1)))
         return out.reshape(T, B, C, H, W) + x
 
@@ -228,10 +248,10 @@ class MembraneShortcutMLP(nn.Module):
     """The original `MS_MLP_Conv`: `x + fc2_bn(fc2_conv(fc2_lif(fc1_bn(fc1_conv(fc1_lif(x))))))`; with a hidden
     width equal to the input's, the hidden membrane also takes the shortcut (the original's `res`)."""
 
-    def __init__(self, cfg: SDTConfig):
+    def __init__(self, cfg: SDTConfig, index: int = 0):
         super().__init__()
-        dim, hidden = cfg.embed_dim, cfg.mlp_hidden
-        self.hidden_shortcut = dim == hidden
+        dim, hidden = cfg.embed_dim, cfg.mlp_hidden_of(index)
+        self.hidden_shortcut = dim == cfg.mlp_hidden  # the original's width decides, not a compacted one
         self.fc1_conv = nn.Conv2d(dim, hidden, kernel_size=1, stride=1)
         self.fc1_bn = nn.BatchNorm2d(hidden)
         self.fc1_lif = LIF()
@@ -253,10 +273,10 @@ class MembraneShortcutMLP(nn.Module):
 class Block(nn.Module):
     """The original `MS_Block_Conv`: attention, then MLP, each with its membrane shortcut."""
 
-    def __init__(self, cfg: SDTConfig):
+    def __init__(self, cfg: SDTConfig, index: int = 0):
         super().__init__()
-        self.attn = SpikeDrivenSelfAttention(cfg)
-        self.mlp = MembraneShortcutMLP(cfg)
+        self.attn = SpikeDrivenSelfAttention(cfg, index)
+        self.mlp = MembraneShortcutMLP(cfg, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))
@@ -274,7 +294,7 @@ class SpikeDrivenTransformer(nn.Module):
         self.config = cfg
         self.preset = preset
         self.patch_embed = SpikingPatchEmbed(cfg)
-        self.block = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.block = nn.ModuleList(Block(cfg, index) for index in range(cfg.depth))
         self.head_lif = LIF()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.token_selectors = nn.ModuleDict()  # always empty (selector_locations); no state_dict entries
