@@ -316,14 +316,16 @@ def test_shipped_sweep_recipe_expands_within_bounds():
     assert [s.name for s in recipe.stages if s.type.name == "train"] == ["dense"]
     keys = {axis.path[-1] for axis in recipe.axes}
     assert {"target", "keep"} <= keys
-    assert pd.Series([s.type.name for s in recipe.stages]).value_counts()["flops"] == len(recipe.points)
+    counts = pd.Series([s.type.name for s in recipe.stages]).value_counts()
+    assert counts["flops"] == counts["bench"] == len(recipe.points)
 
 
 @pytest.mark.slow
 def test_digits_sweep_end_to_end_with_two_jobs(tmp_path):
     """The real library on a 2 x 2 corner of the shipped sweep, shortened: runs, skips on the second run, reports."""
     shorter = ["sweep.ticket.target=[0.5, 0.9]", "sweep.selected.keep=[0.5, 1.0]", "dense.epochs=1",
-               "ticket.rounds=1", "ticket.epochs_per_round=1", "selected.epochs=1", "flops.batches=1"]
+               "ticket.rounds=1", "ticket.epochs_per_round=1", "selected.epochs=1", "flops.batches=1",
+               "speed.repeats=2", "speed.warmup=1"]
     store = tmp_path / "store"
     runner = CliRunner()
     args = ["--store", str(store), "run", str(ROOT / "recipes" / "digits-sweep.yaml"), *shorter]
@@ -337,7 +339,7 @@ def test_digits_sweep_end_to_end_with_two_jobs(tmp_path):
                                  *shorter, "--format", "json", "--out", str(tmp_path / "plots")])
     assert report.exit_code == 0, report.output
     doc = json.loads(report.stdout)
-    assert len(doc["rows"]) == 4 and all(row["energy (mJ)"] > 0 for row in doc["rows"])
-    assert sorted(Path(p).name for p in doc["plots"]) == ["digits-sweep-heat-map.png",
-                                                          "digits-sweep-pareto-energy.png"]
+    assert len(doc["rows"]) == 4 and all(row["energy (mJ)"] > 0 and row["img/s"] > 0 for row in doc["rows"])
+    assert sorted(Path(p).name for p in doc["plots"]) == [
+        "digits-sweep-heat-map.png", "digits-sweep-pareto-energy.png", "digits-sweep-pareto-throughput.png"]
     assert os.path.getsize(doc["plots"][0]) > 1000
