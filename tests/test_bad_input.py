@@ -274,6 +274,19 @@ CASES = [
              ("imp", "dense", "--name", "t", "--granularity", "channel", "--structures", "heads", "--target", "0.9"),
              r"would remove 7 of the 8 structures \(heads\), but each layer keeps at least one .* at most 6 can go",
              _trained_digits),
+    # One-shot pruning (spkprune imp --one-shot): one round to a target from the source's weights.
+    BadInput("imp-one-shot-rounds", ("imp", "net", "--name", "t", "--one-shot", "--rounds", "3"),
+             r"^error: one_shot prunes in a single round; rounds must be 1 \(got 3\)$"),
+    BadInput("imp-one-shot-rate", ("imp", "net", "--name", "t", "--one-shot", "--rate", "0.2"),
+             r"^error: one_shot prunes straight to a target; give target, not rate$"),
+    BadInput("imp-one-shot-rewind", ("imp", "net", "--name", "t", "--one-shot", "--rewind", "epoch:1"),
+             r"^error: one_shot starts from the source's own weights; rewind epoch:1 does not apply$"),
+    BadInput("imp-one-shot-epochs-per-round", ("imp", "net", "--name", "t", "--one-shot", "--epochs-per-round", "2"),
+             r"^error: epochs_per_round does not apply with one_shot; its fine-tune is finetune_epochs$"),
+    BadInput("imp-finetune-without-one-shot", ("imp", "net", "--name", "t", "--finetune-epochs", "2"),
+             r"^error: finetune_epochs only applies with one_shot$"),
+    BadInput("imp-one-shot-recalibrate-negative", ("imp", "net", "--name", "t", "--one-shot", "--recalibrate-batches", "-1"),
+             r"^error: --recalibrate-batches: must be >= 0 \(got -1\)$"),
     # Compaction and fewer time steps (spkprune compact, train --timesteps).
     BadInput("compact-nothing-to-remove", ("compact", "dense", "--name", "small"),
              r"^error: dense@main has nothing to remove: every attention head, MLP hidden channel and patch-splitting "

@@ -10,6 +10,10 @@ and an unfinished one continues from its last saved epoch (`NAME@round-K-epoch-E
               rewind the survivors (`init`, `epoch:K`, `iter:K`; `none` continues from round k-1's weights),
               retrain `epochs_per_round` epochs
 
+One-shot pruning (`one_shot`) is the same loop with one round, straight to the target from the source's weights and
+without rewinding or retraining: the pruned model's BatchNorm statistics are recalibrated on a few training batches
+(`recalibrate_batches`), after an optional fine-tune of `finetune_epochs` epochs, and it is saved as `NAME@round-1`.
+
 Controls (`random-reinit`: round k's masks on a fresh initialisation; `random-prune`: random masks with round k's
 per-tensor counts on the rewind weights) are stored as `NAME@<control>-round-K` beside the ticket.
 
@@ -23,8 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
+from torch.utils.data import DataLoader
 
-from spkprune.data import get_dataset
+from spkprune.data import get_dataset, make_loader
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
 from spkprune.pruning.lottery import Log, Lottery
@@ -33,7 +38,8 @@ from spkprune.pruning.rewind import load_source
 from spkprune.pruning.settings import CONTROLS, ImpSettings
 from spkprune.pruning.sharing import share_masks
 from spkprune.store import Store, format_ref, parse_ref
-from spkprune.training import TrainConfig, TrainHooks, distributed, evaluate, fit
+from spkprune.training import MaskEnforcer, TrainConfig, TrainHooks, distributed, evaluate, fit
+from spkprune.training.recalibrate import recalibrate_batchnorm
 
 __all__ = [
     "CONTROLS", "ImpReport", "ImpSettings", "RoundRow", "describe", "plot_imp", "run_imp", "share_masks",
@@ -69,7 +75,7 @@ def run_imp(
     for kind, level in levels:
         masks = lottery.masks(kind, level)  # prune
         model = lottery.rewound_model(kind, level)  # rewind
-        metrics, cfg = _train(lottery, kind, level, model, masks)  # train (from the round's last saved epoch)
+        metrics, cfg = _retrain(lottery, kind, level, model, masks)  # train (from the round's last saved epoch)
         lottery.save_round(kind, level, model, masks, metrics, cfg)  # save
     return _report(lottery, nothing_to_do, plot)
 
@@ -101,6 +107,31 @@ def _round_zero(lottery: Lottery) -> None:
     model = src.model(src.ckpt.state_dict, src.timesteps)
     lottery.log(f"round 0: evaluating {src.art.ref}")
     lottery.save_round_zero(model, _test_metrics(model, src.train))
+
+
+def _retrain(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: M.Masks) -> tuple[dict, TrainConfig]:
+    """Round k after pruning and rewinding: retrained (IMP; a one-shot run only with `finetune_epochs`), then, one-shot,
+    its BatchNorm statistics recalibrated and the model evaluated; (test metrics, configuration)."""
+    settings = lottery.settings
+    if lottery.retrains:
+        metrics, cfg = _train(lottery, kind, k, model, masks)
+    else:
+        cfg, metrics = lottery.src.train, None
+        model.to(distributed.current().device)
+        MaskEnforcer(model, None, masks).apply()
+        lottery.log(f"{lottery.ref(kind, k)}: {lottery.pruning.summary(masks)}, T={lottery.timesteps(k)}, no retraining")
+    if settings.one_shot and settings.recalibrate_batches:
+        seen = recalibrate_batchnorm(model, _calibration_batches(model, cfg), settings.recalibrate_batches)
+        lottery.log(f"{lottery.ref(kind, k)}: BatchNorm statistics recalibrated on {seen} training images")
+        metrics = None
+    return metrics if metrics is not None else _test_metrics(model, cfg), cfg
+
+
+def _calibration_batches(model: nn.Module, cfg: TrainConfig) -> DataLoader:
+    """Training images as the test split sees them (no augmentation), in a seeded order, the same on every process."""
+    data = get_dataset(cfg.dataset, "train", cfg.data_dir, timesteps=model.config.timesteps, augment=False,
+                       img_size=model.config.img_size)
+    return make_loader(data, cfg.batch_size, train=True, seed=cfg.seed, distributed=False)
 
 
 def _train(lottery: Lottery, kind: str, k: int, model: nn.Module, masks: M.Masks) -> tuple[dict, TrainConfig]:

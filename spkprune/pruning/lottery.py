@@ -111,9 +111,15 @@ class Lottery:
         search = self.settings.search_timesteps
         return search if search is not None and k < self.settings.rounds else self.src.timesteps
 
+    @property
+    def retrains(self) -> bool:
+        """Whether a round trains: always in IMP, with `--finetune-epochs` in a one-shot run."""
+        return not self.settings.one_shot or self.settings.finetune_epochs > 0
+
     def round_config(self, k: int) -> TrainConfig:
         dense = self.src.train
-        epochs = self.settings.epochs_per_round or dense.epochs
+        epochs = self.settings.finetune_epochs if self.settings.one_shot else self.settings.epochs_per_round
+        epochs = epochs or dense.epochs
         cooldown = dense.cooldown_epochs if epochs == dense.epochs else 0
         mixup_off = dense.mixup_off_epoch if epochs == dense.epochs else None
         return dataclasses.replace(

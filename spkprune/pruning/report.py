@@ -83,6 +83,8 @@ def plot_imp(report: ImpReport, path: str | Path) -> Path:
         rows = [r for r in report.rows if r.kind == kind]
         if kind != "ticket" and rows and dense is not None:
             rows = [dense] + rows
+        if kind == "ticket" and report.settings.get("one_shot"):
+            style = {**style, "label": "one-shot pruned (no rewind, no retraining)"}
         if rows:
             ax.plot([100 * r.sparsity_prunable for r in rows], [100 * r.top1 for r in rows], **style)
     if dense is not None:

@@ -7,16 +7,18 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from spkprune.errors import SpkpruneError
 from spkprune.pruning import masks as M
 from spkprune.pruning.structured import IMPORTANCES
 from spkprune.pruning.structures import KINDS
-from spkprune.settings import Settings, option, split_list
+from spkprune.settings import NonNegativeInt, Settings, option, split_list
 from spkprune.training.config import Epochs, TimeSteps
 
 DEFAULT_TARGET = 0.9
+DEFAULT_ROUNDS = 10
+DEFAULT_RECALIBRATE_BATCHES = 20
 CONTROLS = ("none", "random-reinit", "random-prune")
 GRANULARITIES = ("weight", "channel")
 _REWIND_RE = re.compile(r"^(init|none|epoch:(\d+)|iter:(\d+))$")
@@ -24,13 +26,14 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 Globs = Annotated[tuple[str, ...], BeforeValidator(split_list)]
 Structures = Annotated[tuple[str, ...], BeforeValidator(split_list)]  # names checked below (choices: KINDS)
 # Fields added after stores began recording the run identity: part of it only when they differ from their defaults.
-_LATER_FIELDS = ("granularity", "structures", "importance")
+_LATER_FIELDS = ("granularity", "structures", "importance", "one_shot", "recalibrate_batches", "finetune_epochs")
 
 
 class ImpSettings(Settings):
     """Everything that decides an IMP run's results. Give `target` or `rate` (neither: target 0.9)."""
 
-    rounds: Epochs = option(10, "Pruning rounds N (the ticket is NAME@round-N).")
+    rounds: Optional[Epochs] = option(None, f"Pruning rounds N (the ticket is NAME@round-N; default {DEFAULT_ROUNDS}, "
+                                      "with --one-shot 1).")
     target: Optional[Fraction] = option(None, f"Sparsity of the eligible weights after round N (with --granularity "
                                         f"channel: the fraction of structures removed; default {DEFAULT_TARGET}).")
     rate: Optional[Fraction] = option(None, "Fraction of the surviving weights pruned per round (instead of "
@@ -52,12 +55,31 @@ class ImpSettings(Settings):
                                     split=True)
     importance: Literal[IMPORTANCES] = option("l2", "With --granularity channel: rank structures by the norm of "
                                               "their weights (l2) or by their BatchNorm scales (bn).")
+    one_shot: bool = option(False, "One-shot pruning: one round straight to --target from the source's weights, no "
+                            "rewind and no retraining (BatchNorm recalibrated; --finetune-epochs to fine-tune).")
+    recalibrate_batches: NonNegativeInt = option(DEFAULT_RECALIBRATE_BATCHES, "With --one-shot: re-estimate the "
+                                                 "BatchNorm statistics on N training batches before evaluating (0: off).")
+    finetune_epochs: NonNegativeInt = option(0, "With --one-shot: fine-tune the pruned weights for K epochs (pruned "
+                                             "weights stay zero) before recalibrating.")
 
     @model_validator(mode="before")
     @classmethod
     def _target_or_rate(cls, values):
         if isinstance(values, dict) and values.get("target") is None and values.get("rate") is None:
             values = {**values, "target": DEFAULT_TARGET}
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_shot_defaults(cls, values):
+        """One round, and no rewind (`init`, the default, becomes `none`) for a one-shot run; 10 rounds otherwise."""
+        if not isinstance(values, dict):
+            return values
+        one_shot = _is_true(values.get("one_shot", False))
+        if values.get("rounds") is None:
+            values = {**values, "rounds": 1 if one_shot else DEFAULT_ROUNDS}
+        if one_shot and values.get("rewind", "init") == "init":
+            values = {**values, "rewind": "none"}
         return values
 
     @field_validator("rewind")
@@ -89,6 +111,28 @@ class ImpSettings(Settings):
             raise ValueError(f"{' and '.join(changed)} only apply with granularity channel")
         return self
 
+    @model_validator(mode="after")
+    def _one_shot_alone(self):
+        fields = ImpSettings.model_fields
+        if not self.one_shot:
+            changed = [name for name in ("recalibrate_batches", "finetune_epochs")
+                       if getattr(self, name) != fields[name].default]
+            if changed:
+                raise ValueError(f"{' and '.join(changed)} only {'apply' if len(changed) > 1 else 'applies'} with "
+                                 "one_shot")
+            return self
+        if self.rounds != 1:
+            raise ValueError(f"one_shot prunes in a single round; rounds must be 1 (got {self.rounds})")
+        if self.rate is not None:
+            raise ValueError("one_shot prunes straight to a target; give target, not rate")
+        if self.rewind != "none":
+            raise ValueError(f"one_shot starts from the source's own weights; rewind {self.rewind} does not apply")
+        if self.epochs_per_round is not None:
+            raise ValueError("epochs_per_round does not apply with one_shot; its fine-tune is finetune_epochs")
+        if self.search_timesteps is not None:
+            raise ValueError("search_timesteps does not apply with one_shot; its one round is at the model's T")
+        return self
+
     def validate(self) -> "ImpSettings":
         return self  # validated on construction
 
@@ -106,6 +150,14 @@ class ImpSettings(Settings):
             if value != ImpSettings.model_fields[name].default:
                 data[name] = list(value) if isinstance(value, tuple) else value
         return data
+
+
+def _is_true(value) -> bool:
+    """A bool as the field will read it (a malformed value is refused by the field itself afterwards)."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return False
 
 
 class ImpCommandSettings(ImpSettings):
