@@ -169,17 +169,27 @@ def _trained_digits(tmp: Path, store: Path) -> None:
         save_checkpoint(Store.open(store), "dense", tag, Checkpoint(model.state_dict(), {}, meta))
 
 
-def _sdt_checkpoint(tmp: Path, store: Path) -> None:
-    """An (untrained) Spike-driven Transformer in the store, with a training configuration as `train` leaves."""
+def _untrained(store: Path, preset: str, name: str) -> None:
+    """An untrained `preset` in the store as `name` (@main, @init), with a training configuration as `train` leaves."""
     from spkprune.checkpoint import Checkpoint, save_checkpoint
     from spkprune.models import create_model
     from spkprune.training import TrainConfig
 
-    model = create_model("sdt-2-64-digits")
-    meta = {"arch": "sdt-2-64-digits", "config": model.config.to_dict(), "train": TrainConfig().to_dict()}
+    model = create_model(preset)
+    meta = {"arch": preset, "config": model.config.to_dict(), "train": TrainConfig().to_dict()}
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    save_checkpoint(Store.open(store), "sdt", "main", Checkpoint(weights, {}, meta))
-    save_checkpoint(Store.open(store), "sdt", "init", Checkpoint(weights, {}, meta))
+    save_checkpoint(Store.open(store), name, "main", Checkpoint(weights, {}, meta))
+    save_checkpoint(Store.open(store), name, "init", Checkpoint(weights, {}, meta))
+
+
+def _sdt_checkpoint(tmp: Path, store: Path) -> None:
+    """An (untrained) Spike-driven Transformer `sdt` in the store."""
+    _untrained(store, "sdt-2-64-digits", "sdt")
+
+
+def _qkformer_checkpoint(tmp: Path, store: Path) -> None:
+    """An (untrained) QKFormer `qk` in the store."""
+    _untrained(store, "qkformer-3-64-digits", "qk")
 
 
 _FLOPS = ("flops", "report", "spikformer-4-384-cifar10", "--dataset", "cifar10", "--data-dir", "{tmp}/data")
@@ -308,12 +318,6 @@ CASES = [
     BadInput("blob-meta-not-an-object", ("show", "{tmp}/odd.safetensors"), r"its metadata is a JSON array", _odd_blob),
     BadInput("export-from-a-newer-spkprune", ("show", "{tmp}/export"), r"format_version|version", _future_export),
     BadInput("reference-with-a-newline", ("evaluate", "a\nb"), r"^error: 'a\\nb' does not exist"),
-    # A family that a command does not handle yet says so (spkprune/models/families.py: require).
-    BadInput("compact-another-family", ("compact", "sdt", "--name", "c"),
-             r"^error: compact does not work on the sdt family yet \(it works on: spikformer\)$", _sdt_checkpoint),
-    BadInput("channel-imp-another-family",
-             ("imp", "sdt", "--name", "t", "--granularity", "channel", "--rounds", "1", "--epochs-per-round", "1"),
-             r"imp --granularity channel does not work on the sdt family yet", _sdt_checkpoint),
     # Recipes: everything is checked before a stage runs.
     BadInput("recipe-missing-data-dir", ("run", "{tmp}/r.yaml"), r"stages.dense.data_dir: folder .* does not exist",
              _recipe(f"model: {DIGITS}\ndata: {{data_dir: /no/such/dir}}\nstages:\n  dense: {{type: train, epochs: 1}}\n")),
@@ -321,6 +325,17 @@ CASES = [
              _recipe("stages:\n  flops: {type: flops, from: ./missing.safetensors}\n")),
     BadInput("recipe-bad-value", ("run", "{tmp}/r.yaml"), r"stages.dense.epochs: must be >= 1 \(got 0\)",
              _recipe(f"model: {DIGITS}\nstages:\n  dense: {{type: train, epochs: 0}}\n")),
+    # Structures and compaction of the SDT and QKFormer families (spkprune/models/structure_sites.py).
+    BadInput("compact-sdt-nothing-to-remove", ("compact", "sdt", "--name", "c"),
+             r"^error: sdt@main has nothing to remove: every attention head, MLP hidden channel and patch-splitting "
+             r"channel can change its outputs", _sdt_checkpoint),
+    BadInput("channel-imp-sdt-unknown-structure",
+             ("imp", "sdt", "--name", "t", "--granularity", "channel", "--structures", "heads,tokens"),
+             r"^error: --structures: must name one or more of heads, mlp, stem", _sdt_checkpoint),
+    BadInput("channel-imp-qkformer-stem",
+             ("imp", "qk", "--name", "t", "--granularity", "channel", "--structures", "stem", "--rounds", "1"),
+             r"^error: --structures stem: the qkformer family has no stem structures \(.*\); choose from heads, mlp$",
+             _qkformer_checkpoint),
 ]
 
 

@@ -17,7 +17,7 @@ from spkprune.compact.settings import CompactSettings
 @settings_command(app, "compact", CompactSettings)
 def compact_command(ctx: typer.Context, settings: CompactSettings, fmt: str) -> None:
     """Remove physically the attention heads, MLP hidden channels and patch-splitting channels that the masks left
-    unused (nothing reads them, or their neurons provably never fire): a smaller dense Spikformer with the same
+    unused (nothing reads them, or their neurons provably never fire): a smaller dense model with the same
     outputs, saved as NAME with its widths per block in its configuration."""
     outcome = run_compact(writable_store(ctx), settings)
     compaction = outcome.compaction
@@ -54,11 +54,17 @@ def _summary(outcome: CompactOutcome) -> dict:
         "parent": compaction.checkpoint.meta["compacted"]["from"],
         "params_before": compaction.params_before,
         "params_after": compaction.params_after,
-        "heads_per_block": list(config.block_heads),
-        "mlp_hidden_per_block": list(config.block_mlp_hidden),
-        "stem_channels": list(config.stem_channels),
+        "heads_per_block": _listed(config, "block_heads"),
+        "mlp_hidden_per_block": _listed(config, "block_mlp_hidden"),
+        "stem_channels": _listed(config, "stem_channels"),
         "bytes_after": outcome.size_after,
     }
     if outcome.size_before is not None:
         summary["bytes_before"] = outcome.size_before
     return summary
+
+
+def _listed(config, field: str) -> list[int] | None:
+    """A width field of the compacted configuration; None where the family has no such structure (QKFormer's stem)."""
+    widths = getattr(config, field, None)
+    return None if widths is None else list(widths)

@@ -1,4 +1,5 @@
-"""Compaction: cut what the masks removed out of a Spikformer, into a smaller dense model with the same outputs.
+"""Compaction: cut what the masks removed out of a model (Spikformer, SDT, QKFormer), into a smaller dense model
+with the same outputs.
 
 - plan.py        which heads, MLP hidden channels and stem channels provably change no output
 - cut.py         narrowing the state_dict and masks under the original keys

@@ -1,4 +1,4 @@
-"""A checkpoint with masks -> the smaller dense Spikformer that computes the same outputs."""
+"""A checkpoint with masks -> the smaller dense model (any family with structures) that computes the same outputs."""
 
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def compact_checkpoint(ckpt: Checkpoint) -> Compaction:
     weights = canonical_weights(ckpt.state_dict, ckpt.masks)
     model = build_model(Checkpoint(weights, {}, ckpt.meta, ckpt.ref)).eval()
     plan = plan_compaction(model)
-    removed = plan.removed(model.config)
+    removed = plan.removed()
     if not removed:
         raise SpkpruneError(
             f"{where} has nothing to remove: every attention head, MLP hidden channel and patch-splitting channel "
             "can change its outputs (prune whole heads or channels, or prune further, then compact)"
         )
-    state_dict, masks = cut(model, weights, dict(ckpt.masks), plan)
+    state_dict, masks = cut(weights, dict(ckpt.masks), plan)
     masks = {key: mask for key, mask in masks.items() if not bool(mask.all())}  # nothing pruned: no mask needed
     config = plan.widths(model.config)
     meta = {key: value for key, value in ckpt.meta.items() if key not in _STALE_META}

@@ -4,9 +4,8 @@ BatchNorm parameters and running statistics) and columns of the consumers, under
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from spkprune.compact.plan import STEM_SUFFIXES, Plan
+from spkprune.compact.plan import Plan
 
 _NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 
@@ -35,29 +34,22 @@ class Cutter:
         """Keep input channels `index` of `layer`."""
         self._take(f"{layer}.weight", 1, torch.tensor(index, dtype=torch.long))
 
-
-def _layer_name(module: nn.Module, path: str, prefix: str) -> str:
-    return f"{path}.{prefix}_linear" if module.conv_kind == "linear" else f"{path}.{prefix}_conv"
-
-
-def _head_channels(heads: list[int], width: int) -> list[int]:
-    return [head * width + i for head in heads for i in range(width)]
+    def units(self, key: str, index: list[int]) -> None:
+        """Keep entries `index` of `key` along its first two dimensions (a tensor indexed by structure)."""
+        kept = torch.tensor(index, dtype=torch.long)
+        for dim in (0, 1):
+            self._take(key, dim, kept)
 
 
-def cut(model: nn.Module, state_dict: dict, masks: dict, plan: Plan) -> tuple[dict, dict]:
-    """The state_dict and masks of `model` without what `plan` removes (the keys stay the original ones)."""
+def cut(state_dict: dict, masks: dict, plan: Plan) -> tuple[dict, dict]:
+    """The state_dict and masks without what `plan` removes (the keys stay the original ones)."""
     cutter = Cutter(state_dict, masks)
-    for index, block in enumerate(model.block):
-        attn, path = block.attn, f"block.{index}.attn"
-        channels = _head_channels(plan.heads[index], attn.head_dim)
-        for prefix in ("q", "k", "v"):
-            cutter.rows(_layer_name(attn, path, prefix), f"{path}.{prefix}_bn", channels)
-        cutter.columns(_layer_name(attn, path, "proj"), channels)
-        mlp, path = block.mlp, f"block.{index}.mlp"
-        cutter.rows(_layer_name(mlp, path, "fc1"), f"{path}.fc1_bn", plan.mlp[index])
-        cutter.columns(_layer_name(mlp, path, "fc2"), plan.mlp[index])
-    for stage, kept in enumerate(plan.stem):
-        this, after = STEM_SUFFIXES[stage], STEM_SUFFIXES[stage + 1]
-        cutter.rows(f"patch_embed.proj_conv{this}", f"patch_embed.proj_bn{this}", kept)
-        cutter.columns(f"patch_embed.proj_conv{after}", kept)
+    for site, kept in zip(plan.sites, plan.kept):
+        channels = site.channels(kept)
+        for producer in site.producers:
+            cutter.rows(producer.layer, producer.norm, channels)
+        for consumer in site.consumers:
+            cutter.columns(consumer, channels)
+        for key in site.unit_tensors:
+            cutter.units(key, kept)
     return cutter.state_dict, cutter.masks

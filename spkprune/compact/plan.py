@@ -1,4 +1,5 @@
-"""What a masked Spikformer provably never uses: attention heads, MLP hidden channels and inner stem channels.
+"""What a masked model provably never uses: attention heads, MLP hidden channels and inner stem channels (where
+they sit: `spkprune.models.structure_sites`, per family).
 
 A structure is removable when removing it changes no output of the model in eval mode:
 
@@ -10,7 +11,8 @@ A structure is removable when removing it changes no output of the model in eval
   fires at some time step only if c reaches the threshold. The constant is computed in float64 and must stay below
   the threshold by a margin larger than float32 rounding of the BatchNorm could move it; such a neuron never fires
   at any number of time steps. A head is silent when all its q, all its k or all its v neurons are (its attention
-  product is then zero, which its attention neuron never fires on); a silent stem channel stays 0 through max-pooling.
+  product is then zero, which its attention neuron never fires on: in SDT the talking-heads neuron on k * v, in
+  QKFormer's token attention the neuron on the summed q); a silent stem channel stays 0 through max-pooling.
 
 Removing a silent stem channel can leave a channel of the next stage without input: the stem is checked again until
 nothing changes. One head, one MLP channel and one channel per stem stage always stay.
@@ -23,44 +25,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spkprune.models.presets import SpikformerConfig
+from spkprune.models.structure_sites import WIDTH_FIELDS, Site, structure_sites
 
 KINDS = {"heads": "attention heads", "mlp": "MLP hidden channels", "stem": "patch-splitting channels"}
-STEM_SUFFIXES = ("", "1", "2", "3")
 MARGIN = 1e-5  # relative to the size of the BatchNorm terms: far above float32 rounding (about 6e-8 per step)
 
 
 @dataclass
 class Plan:
-    """The structures that stay: kept head indices and MLP channels per block, kept channels per stem stage."""
+    """The structures that stay: the kept units of every structure site of the model."""
 
-    heads: list[list[int]]
-    mlp: list[list[int]]
-    stem: list[list[int]]
+    sites: list[Site]
+    kept: list[list[int]]  # per site, in the order of `sites`
 
-    def widths(self, config: SpikformerConfig) -> SpikformerConfig:
-        """`config` with the kept widths recorded per block and per stem stage."""
-        return config.__class__.from_dict({
-            **config.to_dict(),
-            "block_heads": [len(kept) for kept in self.heads],
-            "block_mlp_hidden": [len(kept) for kept in self.mlp],
-            "stem_channels": [len(kept) for kept in self.stem],
-        })
+    def widths(self, config):
+        """`config` with the kept widths recorded per block and per stem stage (the kinds the model has)."""
+        data = config.to_dict()
+        for kind, field in WIDTH_FIELDS.items():
+            places = [(site.place, len(kept)) for site, kept in zip(self.sites, self.kept) if site.kind == kind]
+            if places:
+                data[field] = [width for _, width in sorted(places)]
+        return config.__class__.from_dict(data)
 
-    def removed(self, config: SpikformerConfig) -> dict[str, dict[str, list[int]]]:
+    def removed(self) -> dict[str, dict[str, list[int]]]:
         """The removed indices per kind and place: {"heads": {"block.0": [1, 3]}, "stem": {"proj_conv1": [...]}}."""
-        before = {
-            "heads": [config.heads_of(b) for b in range(config.depth)],
-            "mlp": [config.mlp_hidden_of(b) for b in range(config.depth)],
-            "stem": list(config.stem_widths),
-        }
         out: dict[str, dict[str, list[int]]] = {}
         for kind in KINDS:
-            for place, (kept, width) in enumerate(zip(getattr(self, kind), before[kind])):
-                gone = sorted(set(range(width)) - set(kept))
-                if gone:
-                    label = f"patch_embed.proj_conv{STEM_SUFFIXES[place]}" if kind == "stem" else f"block.{place}"
-                    out.setdefault(kind, {})[label] = gone
+            for site, kept in zip(self.sites, self.kept):
+                gone = sorted(set(range(site.units)) - set(kept))
+                if site.kind == kind and gone:
+                    place = site.layer if kind == "stem" else site.layer.rsplit(".", 1)[0]
+                    out.setdefault(kind, {})[place] = gone
         return out
 
 
@@ -76,61 +71,47 @@ def silent_channels(layer: nn.Module, bn: nn.Module, lif: nn.Module, without_inp
     return without_input & (constant + slack < float(lif.v_threshold))
 
 
-def _matrix(layer: nn.Module) -> torch.Tensor:
-    """A Linear or 1x1 convolution's weight as `[out, in]`."""
-    weight = layer.weight.detach()
-    return weight.reshape(weight.shape[0], weight.shape[1], -1).flatten(1) if weight.dim() > 2 else weight
+def _by_input(weight: torch.Tensor) -> torch.Tensor:
+    """A weight `[out, in, ...]` as `[in, out * ...]`: everything that reads each input channel."""
+    return weight.detach().transpose(0, 1).flatten(1)
 
 
-def _kept(removable: torch.Tensor, among: list[int] | None = None) -> list[int]:
-    """Indices not `removable` (restricted to `among`); the first candidate when nothing would stay."""
-    candidates = range(len(removable)) if among is None else among
-    kept = [i for i in candidates if not removable[i]]
-    return kept or list(candidates)[:1]
+def _kept(removable: torch.Tensor, among: list[int]) -> list[int]:
+    """The units of `among` that are not `removable`; the first candidate when nothing would stay."""
+    kept = [i for i in among if not removable[i]]
+    return kept or list(among)[:1]
 
 
-def _heads(attn: nn.Module) -> list[int]:
-    heads, width = attn.num_heads, attn.head_dim
-    unread = (_matrix(attn.weight_layer("proj")) == 0).all(0).view(heads, width).all(1)
-    silent = torch.zeros(heads, dtype=torch.bool)
-    for prefix in ("q", "k", "v"):
-        layer = attn.weight_layer(prefix)
-        quiet = silent_channels(layer, getattr(attn, f"{prefix}_bn"), getattr(attn, f"{prefix}_lif"),
-                                (_matrix(layer) == 0).all(1))
-        silent |= quiet.view(heads, width).all(1)
-    return _kept(unread | silent)
+def _removable(model: nn.Module, site: Site, inputs: list[int] | None, readers: list[int] | None) -> torch.Tensor:
+    """Bool per unit of `site`: nothing reads it (through the consumers' rows `readers`) or it never fires (with the
+    producers' inputs restricted to `inputs`); None: all of them."""
+    unread = torch.ones(site.units * site.width, dtype=torch.bool)
+    for consumer in site.consumers:
+        weight = model.get_submodule(consumer).weight.detach()
+        weight = weight if readers is None else weight[readers]
+        unread &= (_by_input(weight) == 0).all(1)
+    silent = torch.zeros(site.units, dtype=torch.bool)
+    for producer in site.producers:  # a head is silent when all its q, all its k or all its v neurons are
+        layer = model.get_submodule(producer.layer)
+        weight = layer.weight.detach()
+        weight = weight if inputs is None else weight[:, inputs]
+        quiet = silent_channels(layer, model.get_submodule(producer.norm), model.get_submodule(producer.neuron),
+                                (weight.flatten(1) == 0).all(1))
+        silent |= quiet.view(site.units, site.width).all(1)
+    return unread.view(site.units, site.width).all(1) | silent
 
 
-def _mlp(mlp: nn.Module) -> list[int]:
-    fc1 = mlp.weight_layer("fc1")
-    silent = silent_channels(fc1, mlp.fc1_bn, mlp.fc1_lif, (_matrix(fc1) == 0).all(1))
-    unread = (_matrix(mlp.weight_layer("fc2")) == 0).all(0)
-    return _kept(unread | silent)
-
-
-def _stem_stage(sps: nn.Module, stage: int, inputs: list[int], readers: list[int], among: list[int]) -> list[int]:
-    """Kept channels of stem stage `stage`, given the kept input channels and the kept rows of the next conv."""
-    conv = getattr(sps, f"proj_conv{STEM_SUFFIXES[stage]}")
-    reader = getattr(sps, f"proj_conv{STEM_SUFFIXES[stage + 1]}")
-    without_input = (conv.weight.detach()[:, inputs].flatten(1) == 0).all(1)
-    silent = silent_channels(conv, getattr(sps, f"proj_bn{STEM_SUFFIXES[stage]}"),
-                             getattr(sps, f"proj_lif{STEM_SUFFIXES[stage]}"), without_input)
-    unread = (reader.weight.detach()[readers] == 0).transpose(0, 1).flatten(1).all(1)
-    return _kept(unread | silent, among)
-
-
-def _stem(sps: nn.Module) -> list[list[int]]:
-    """Kept channels of the three inner stem stages, checked again until removing some frees no other."""
-    convs = [getattr(sps, f"proj_conv{s}") for s in STEM_SUFFIXES]
-    kept = [list(range(conv.out_channels)) for conv in convs[:3]]
-    images, embedding = list(range(convs[0].in_channels)), list(range(convs[3].out_channels))
+def _stem(model: nn.Module, stem: list[Site]) -> list[list[int]]:
+    """Kept channels of the chained stem stages, checked again until removing some frees no other: a stage's
+    producer reads only the kept channels of the stage before, its consumer's rows are the next stage's kept ones."""
+    kept = [list(range(site.units)) for site in stem]
     changed = True
     while changed:
         changed = False
-        for stage in range(3):
-            inputs = images if stage == 0 else kept[stage - 1]
-            readers = embedding if stage == 2 else kept[stage + 1]
-            still = _stem_stage(sps, stage, inputs, readers, kept[stage])
+        for stage, site in enumerate(stem):
+            inputs = kept[stage - 1] if stage > 0 else None
+            readers = kept[stage + 1] if stage + 1 < len(stem) else None
+            still = _kept(_removable(model, site, inputs, readers), kept[stage])
             changed |= still != kept[stage]
             kept[stage] = still
     return kept
@@ -138,6 +119,9 @@ def _stem(sps: nn.Module) -> list[list[int]]:
 
 def plan_compaction(model: nn.Module) -> Plan:
     """What `model` (weights already masked, BatchNorm running statistics as in eval) can lose exactly."""
-    heads = [_heads(block.attn) for block in model.block]
-    mlp = [_mlp(block.mlp) for block in model.block]
-    return Plan(heads, mlp, _stem(model.patch_embed))
+    sites = structure_sites(model)
+    stem = [site for site in sites if site.kind == "stem"]
+    kept_stem = dict(zip(map(id, stem), _stem(model, stem)))
+    kept = [kept_stem[id(site)] if site.kind == "stem" else _kept(_removable(model, site, None, None),
+                                                                      list(range(site.units))) for site in sites]
+    return Plan(sites, kept)

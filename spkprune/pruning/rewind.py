@@ -18,9 +18,10 @@ from torch import nn
 from spkprune.checkpoint import Checkpoint, build_model, load_artifact
 from spkprune.data import get_dataset, make_loader
 from spkprune.errors import SpkpruneError
+from spkprune.models.structure_sites import check_kinds
 from spkprune.pruning import masks as M
 from spkprune.pruning.settings import ImpSettings, parse_rewind
-from spkprune.pruning.structures import Group, structure_groups
+from spkprune.pruning.structures import KINDS, Group, structure_groups
 from spkprune.store import Artifact, Store, is_store_ref
 from spkprune.training import TrainConfig
 
@@ -68,6 +69,8 @@ def load_source(store: Store, ref: str, settings: ImpSettings) -> Source:
         )
     train = TrainConfig.from_dict(ckpt.meta["train"])
     model = build_model(ckpt)
+    if settings.granularity == "channel" and tuple(settings.structures) != KINDS:  # all kinds: those it has
+        check_kinds(model, settings.structures)
     prunable = list(model.prunable_weights())
     eligible = M.eligible_keys(prunable, settings.exclude)
     return Source(art, ckpt, train, prunable, eligible, model.config.timesteps, structure_groups(model))

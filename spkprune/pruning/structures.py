@@ -1,6 +1,8 @@
-"""The structures of a Spikformer that can be removed whole, and which of them a mask set removes.
+"""The structures of a model that can be removed whole, and which of them a mask set removes.
 
-A structure (`Group`) owns slices of several coupled weights:
+Where they sit is model knowledge (`spkprune.models.structure_sites`, one function per family: heads, MLP hidden
+channels, stem channels). A structure (`Group`) owns slices of several coupled weights: the output rows of its
+producers (with their BatchNorm entries and neurons) and the same input columns of its consumers. For a Spikformer:
 
 - **heads** (layer `block.I.attn`, index h): output channels `h*d:(h+1)*d` of q, k and v (`d` = channels per head),
   with their BatchNorm entries and neurons, and the same input columns of the output projection. Attention has no
@@ -11,6 +13,8 @@ A structure (`Group`) owns slices of several coupled weights:
 - **stem** (layer `patch_embed.proj_convS`, index j): output channel j of an inner patch-splitting convolution with
   its BatchNorm entry, neuron and max-pool, and input channel j of the next convolution. The last convolution's
   output is the embedding width of the residual stream, never a stem structure.
+
+The Spike-driven Transformer and QKFormer have the same kinds (QKFormer no stem), see `structure_sites`.
 
 A mask set removes a group when every producer row *and* every consumer column it owns is masked (False). The
 consumer columns are what make the removal exact: whatever the group's neurons fire (a bias or a BatchNorm shift can
@@ -28,9 +32,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from spkprune.models.spikformer import MLP, SPS, SSA
+from spkprune.models.structure_sites import KINDS, Site, structure_sites
 
-KINDS = ("heads", "mlp", "stem")
 NOUNS = {"heads": "head", "mlp": "hidden channel", "stem": "channel"}
 
 
@@ -52,7 +55,7 @@ class Group:
     """One removable structure: the weight slices a mask removes and its BatchNorm scales (read-only)."""
 
     kind: str  # heads | mlp | stem
-    layer: str  # module path: block.0.attn, block.0.mlp, patch_embed.proj_conv1
+    layer: str  # module path: block.0.attn, block.0.mlp, stage1.0.tssa, patch_embed.proj_conv1
     index: int
     weights: tuple[Slice, ...]  # producer rows, then consumer columns
     norms: tuple[Slice, ...]  # BatchNorm gamma entries of the producer channels
@@ -63,64 +66,24 @@ class Group:
 
     @property
     def place(self) -> str:
-        """Where the structure sits, as `spkprune compact` names it: `block.I` for heads and MLP channels, the
-        convolution's path for stem channels."""
+        """Where the structure sits, as `spkprune compact` names it: the block (`block.I`, `stageS.J`) for heads
+        and MLP channels, the convolution's path for stem channels."""
         return self.layer if self.kind == "stem" else self.layer.rsplit(".", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------- finding them
 def structure_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Group]:
-    """Every structure of `kinds` in `model`, in module order (stem, then per block heads and MLP channels)."""
-    names = {id(module): name for name, module in model.named_modules()}
-    groups: list[Group] = []
-    for path, module in model.named_modules():
-        if isinstance(module, SPS) and "stem" in kinds:
-            groups += _stem_groups(module, names)
-        elif isinstance(module, SSA) and "heads" in kinds:
-            groups += _head_groups(path, module, names)
-        elif isinstance(module, MLP) and "mlp" in kinds:
-            groups += _mlp_groups(path, module, names)
-    return groups
+    """Every structure of `kinds` in `model`, in module order (stem, then per block heads and MLP channels). Kinds
+    the model's family lacks are left out; `check_kinds` refuses them when a user names them."""
+    return [_group(site, unit) for site in structure_sites(model) if site.kind in kinds for unit in range(site.units)]
 
 
-def _weight(module: nn.Module, names: dict[int, str]) -> str:
-    return f"{names[id(module)]}.weight"
-
-
-def _head_groups(path: str, attn: SSA, names: dict[int, str]) -> list[Group]:
-    producers = [(_weight(attn.weight_layer(p), names), _weight(getattr(attn, f"{p}_bn"), names)) for p in "qkv"]
-    proj = _weight(attn.weight_layer("proj"), names)
-    width = attn.weight_layer("q").weight.shape[0] // attn.num_heads
-    return [_group("heads", path, h, producers, [proj], h * width, (h + 1) * width) for h in range(attn.num_heads)]
-
-
-def _mlp_groups(path: str, mlp: MLP, names: dict[int, str]) -> list[Group]:
-    fc1 = mlp.weight_layer("fc1")
-    producers = [(_weight(fc1, names), _weight(mlp.fc1_bn, names))]
-    fc2 = _weight(mlp.weight_layer("fc2"), names)
-    return [_group("mlp", path, j, producers, [fc2], j, j + 1) for j in range(fc1.weight.shape[0])]
-
-
-def _stem_groups(sps: SPS, names: dict[int, str]) -> list[Group]:
-    stages = [  # proj_conv, proj_conv1, ... in forward order, each with its BatchNorm
-        (conv, getattr(sps, name.replace("proj_conv", "proj_bn")))
-        for name, conv in sps.named_children()
-        if name.startswith("proj_conv")
-    ]
-    groups = []
-    for (conv, bn), (following, _) in zip(stages, stages[1:]):  # the last stage's output is the embedding width
-        producers = [(_weight(conv, names), _weight(bn, names))]
-        layer = names[id(conv)]
-        groups += [_group("stem", layer, j, producers, [_weight(following, names)], j, j + 1)
-                   for j in range(conv.weight.shape[0])]
-    return groups
-
-
-def _group(kind, layer, index, producers, consumers, start, stop) -> Group:
-    rows = tuple(Slice(weight, 0, start, stop) for weight, _ in producers)
-    columns = tuple(Slice(key, 1, start, stop) for key in consumers)
-    norms = tuple(Slice(bn, 0, start, stop) for _, bn in producers)
-    return Group(kind, layer, index, rows + columns, norms)
+def _group(site: Site, unit: int) -> Group:
+    start, stop = unit * site.width, (unit + 1) * site.width
+    rows = tuple(Slice(f"{producer.layer}.weight", 0, start, stop) for producer in site.producers)
+    columns = tuple(Slice(f"{consumer}.weight", 1, start, stop) for consumer in site.consumers)
+    norms = tuple(Slice(f"{producer.norm}.weight", 0, start, stop) for producer in site.producers)
+    return Group(site.kind, site.layer, unit, rows + columns, norms)
 
 
 def eligible_groups(groups: Iterable[Group], keys: Iterable[str]) -> list[Group]:
