@@ -29,6 +29,7 @@ from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.qkformer_config import FIRST_EMBED, NEXT_EMBED, ConvUnit, EmbedSpec, QKFormerConfig
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
+from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_blocks, token_mask
 
 SSA_SCALE = 0.125  # the original's fixed scale, whatever the head width
 
@@ -91,8 +92,9 @@ class _Attention(nn.Module):
         self.proj_bn = nn.BatchNorm1d(dim)
         self.proj_lif = LIF()
 
-    def _spikes(self, prefix: str, tokens: torch.Tensor, T: int) -> torch.Tensor:  # [T*B,C,N] -> [T,B,C,N]
-        y = getattr(self, f"{prefix}_bn")(getattr(self, f"{prefix}_conv")(tokens))
+    def _spikes(self, prefix: str, tokens: torch.Tensor, T: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`[T*B,C,N]` -> `[T,B,C,N]` spikes; BatchNorm statistics from the kept tokens only (token_flow)."""
+        y = batch_norm_kept(getattr(self, f"{prefix}_bn"), getattr(self, f"{prefix}_conv")(tokens), keep)
         return getattr(self, f"{prefix}_lif")(unflatten_time(y, T))
 
 
@@ -124,14 +126,18 @@ class SpikingSelfAttention(_Attention):
         T, B, _, N = s.shape
         return s.transpose(-1, -2).reshape(T, B, N, self.num_heads, self.head_dim).permute(0, 1, 3, 2, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` `[B, H*W]`: masked tokens are neither keys nor values (token_flow)."""
         T, B, C, H, W = x.shape
         tokens = x.flatten(3).flatten(0, 1)
-        q, k, v = (self._heads(self._spikes(p, tokens, T)) for p in ("q", "k", "v"))
+        q, k, v = (self._heads(self._spikes(p, tokens, T, keep)) for p in ("q", "k", "v"))
+        if keep is not None:
+            mask = token_mask(keep, k, axis=3)
+            k, v = k * mask, v * mask
         attended = (q @ (k.transpose(-2, -1) @ v)) * SSA_SCALE  # sums of spikes: exact in float32
         spikes = self.attn_lif(attended.transpose(3, 4).reshape(T, B, -1, H * W))  # heads * head_dim channels
-        out = self.proj_lif(self.proj_bn(self.proj_conv(spikes.flatten(0, 1))))  # neuron over T*B "steps"
-        return out.reshape(T, B, C, H, W)
+        projected = batch_norm_kept(self.proj_bn, self.proj_conv(spikes.flatten(0, 1)), keep)
+        return self.proj_lif(projected).reshape(T, B, C, H, W)  # neuron over T*B "steps"
 
 
 class MLP(nn.Module):
@@ -145,10 +151,10 @@ class MLP(nn.Module):
             setattr(self, f"{name}_bn", nn.BatchNorm2d(cout))
             setattr(self, f"{name}_lif", LIF())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> spikes [T,B,C,H,W]
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # -> spikes [T,B,C,H,W]
         T = x.shape[0]
         for name in self.names:
-            y = getattr(self, f"{name}_bn")(getattr(self, f"{name}_conv")(x.flatten(0, 1)))
+            y = batch_norm_kept(getattr(self, f"{name}_bn"), getattr(self, f"{name}_conv")(x.flatten(0, 1)), keep)
             x = getattr(self, f"{name}_lif")(unflatten_time(y, T))
         return x
 
@@ -162,9 +168,11 @@ class Block(nn.Module):
         setattr(self, attention_name, attention)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + getattr(self, self.attention_name)(x)
-        return x + self.mlp(x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` `[B, H*W]` only in the last stage, where token selectors may sit (`tssa` takes none)."""
+        attention = getattr(self, self.attention_name)
+        x = x + (attention(x) if keep is None else attention(x, keep))
+        return x + self.mlp(x, keep)
 
 
 class QKFormer(nn.Module):
@@ -190,7 +198,7 @@ class QKFormer(nn.Module):
         for name, module in order:
             self.add_module(name, module)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-        self.token_selectors = nn.ModuleDict()  # always empty (selector_locations); no state_dict entries
+        self.token_selectors = nn.ModuleDict()  # spkprune.models.selector; its learned MLPs add state_dict entries
         self.apply(self._init_weights)
 
     @staticmethod
@@ -246,9 +254,23 @@ class QKFormer(nn.Module):
         """Every LIF, by its original module path, in module order."""
         return lif_sites(self)
 
+    def block_tokens(self) -> list[int]:
+        """Tokens each block sees in the dense model (its stage's grid positions), blocks numbered across stages."""
+        cfg = self.config
+        return [tokens for tokens, depth in zip(cfg.stage_tokens, cfg.stage_depths) for _ in range(depth)]
+
     def selector_locations(self) -> list[int]:
-        """None yet: only the last stage's tokens could be gathered away (docs/model-families.md, QKFormer)."""
-        return []
+        """Blocks before which a token selector may sit: only those of the last stage (after the last patch
+        embedding), blocks numbered across stages; never block 0. The 3x3 convs of the patch embeddings between
+        stages need the full token grid, so no token may be gathered or masked before the last one."""
+        first = sum(self.config.stage_depths[:-1])
+        return [block for block in range(first, self.config.depth) if block > 0]
+
+    @property
+    def selector_rule(self) -> str:
+        first = sum(self.config.stage_depths[:-1])
+        return (f"selectors sit only in the last stage (blocks {first}..{self.config.depth - 1}), after the last "
+                "patch embedding: the 3x3 patch-embedding convs between stages need the full token grid")
 
     def used_parameter_count(self) -> int:
         """All parameters: the original creates none that forward leaves unused."""
@@ -259,17 +281,26 @@ class QKFormer(nn.Module):
         cfg = self.config
         return time_major(x, cfg.in_channels, cfg.img_size, cfg.timesteps, self.name)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps `[T,B,D,g,g]`."""
-        for embed, blocks in self.stages():
+    def forward_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps `[T,B,D,g,g]` (`[T,B,D,K,1]` when a
+        selector gathered K tokens) and the keep mask the pooling applies (`spkprune.models.token_flow`)."""
+        *early, (last_embed, last_blocks) = self.stages()
+        for embed, blocks in early:
             x = embed(x)
             for block in blocks:
                 x = block(x)
-        return x
+        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
+        first = sum(self.config.stage_depths[:-1])
+        return run_blocks(last_embed(x), enumerate(last_blocks, first), selectors, MAPS)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps (`forward_blocks` without the mask)."""
+        return self.forward_blocks(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits `[B, classes]`. Every neuron starts from a zero membrane on every call."""
-        pooled = self.forward_features(self.encode(x)).flatten(3).mean(3)  # [T,B,D]: mean over tokens
+        maps, keep = self.forward_blocks(self.encode(x))
+        pooled = mean_over_kept(maps.flatten(3), keep)  # [T,B,D]: mean over (kept) tokens
         return self.head(pooled.mean(0))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

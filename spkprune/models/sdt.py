@@ -32,6 +32,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.spikformer import check_state_dict
+from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_blocks, token_mask
 from spkprune.models.widths import BLOCK_WIDTHS, STEM_WIDTHS, width_of, width_problems, widths_as_lists
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
@@ -223,24 +224,27 @@ class SpikeDrivenSelfAttention(nn.Module):
     def _erode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x) if hasattr(self, "pool") else x
 
-    def _spikes(self, prefix: str, x: torch.Tensor, T: int) -> torch.Tensor:
+    def _spikes(self, prefix: str, x: torch.Tensor, T: int, keep: torch.Tensor | None) -> torch.Tensor:
         """`<p>_lif(<p>_bn(<p>_conv(x)))`: `[T*B, C, H, W]` spikes -> `[T, B, C, H, W]` spikes."""
-        y = getattr(self, f"{prefix}_bn")(getattr(self, f"{prefix}_conv")(x))
+        y = batch_norm_kept(getattr(self, f"{prefix}_bn"), getattr(self, f"{prefix}_conv")(x), keep)
         return getattr(self, f"{prefix}_lif")(unflatten_time(y, T))
 
     def _heads(self, s: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] -> [T,B,heads,N,C/heads]
         T, B, _, H, W = s.shape
         return s.flatten(3).transpose(-1, -2).reshape(T, B, H * W, self.num_heads, self.head_dim).transpose(2, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` `[B, H*W]`: masked tokens add nothing to the sum over tokens of k * v (token_flow)."""
         T, B, C, H, W = x.shape
         spikes = self.shortcut_lif(x).flatten(0, 1)
-        q = self._heads(self._spikes("q", spikes, T))
-        k = self._heads(self._erode(self._spikes("k", spikes, T)))
-        v = self._heads(self._erode(self._spikes("v", spikes, T)))
+        q = self._heads(self._spikes("q", spikes, T, keep))
+        k = self._heads(self._erode(self._spikes("k", spikes, T, keep)))
+        v = self._heads(self._erode(self._spikes("v", spikes, T, keep)))
+        if keep is not None:
+            k = k * token_mask(keep, k, axis=3)
         kv = self.talking_heads_lif(self._erode(k * v).sum(dim=-2, keepdim=True))  # [T,B,heads,1,C/heads]
         attended = self._erode(q * kv).transpose(3, 4).reshape(T, B, -1, H, W)  # heads * head_dim channels
-        out = self.proj_bn(self.proj_conv(attended.flatten(0, 1)))
+        out = batch_norm_kept(self.proj_bn, self.proj_conv(attended.flatten(0, 1)), keep)
         return out.reshape(T, B, C, H, W) + x
 
 
@@ -259,14 +263,14 @@ class MembraneShortcutMLP(nn.Module):
         self.fc2_bn = nn.BatchNorm2d(dim)
         self.fc2_lif = LIF()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T,B,C,H,W] membrane
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # [T,B,C,H,W] membrane
         T = x.shape[0]
-        hidden = unflatten_time(self.fc1_bn(self.fc1_conv(self.fc1_lif(x).flatten(0, 1))), T)
+        hidden = unflatten_time(batch_norm_kept(self.fc1_bn, self.fc1_conv(self.fc1_lif(x).flatten(0, 1)), keep), T)
         shortcut = x
         if self.hidden_shortcut:
             hidden = shortcut + hidden
             shortcut = hidden
-        out = self.fc2_bn(self.fc2_conv(self.fc2_lif(hidden).flatten(0, 1)))
+        out = batch_norm_kept(self.fc2_bn, self.fc2_conv(self.fc2_lif(hidden).flatten(0, 1)), keep)
         return unflatten_time(out, T) + shortcut
 
 
@@ -278,8 +282,8 @@ class Block(nn.Module):
         self.attn = SpikeDrivenSelfAttention(cfg, index)
         self.mlp = MembraneShortcutMLP(cfg, index)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(self.attn(x, keep), keep)
 
 
 class SpikeDrivenTransformer(nn.Module):
@@ -297,7 +301,7 @@ class SpikeDrivenTransformer(nn.Module):
         self.block = nn.ModuleList(Block(cfg, index) for index in range(cfg.depth))
         self.head_lif = LIF()
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-        self.token_selectors = nn.ModuleDict()  # always empty (selector_locations); no state_dict entries
+        self.token_selectors = nn.ModuleDict()  # spkprune.models.selector; its learned MLPs add state_dict entries
         self.apply(self._init_weights)
 
     @staticmethod
@@ -340,8 +344,17 @@ class SpikeDrivenTransformer(nn.Module):
         return lif_sites(self)
 
     def selector_locations(self) -> list[int]:
-        """None yet: the blocks work on `[T,B,C,H,W]` maps, not token lists a selector can gather from."""
-        return []
+        """Blocks before which a token selector may sit: every block but the first. The blocks' convs are 1x1 and
+        their attention works on the flattened H*W positions, so a selector may gather K of them (a `[.., K, 1]`
+        map) or mask them. None with `dvs_mode`, whose 3x3 erode pools neighbouring positions in the attention."""
+        return [] if self.config.dvs_mode else list(range(1, self.config.depth))
+
+    @property
+    def selector_rule(self) -> str:
+        """Why the selector locations are what they are (the refusal of any other location says it)."""
+        if self.config.dvs_mode:
+            return "dvs_mode's 3x3 erode pools neighbouring grid positions in every attention: it needs the full grid"
+        return "block 0 always sees every token"
 
     def used_parameter_count(self) -> int:
         """Parameters that take part in forward: all but the never-called `talking_heads`."""
@@ -355,16 +368,20 @@ class SpikeDrivenTransformer(nn.Module):
         cfg = self.config
         return time_major(x, cfg.in_channels, cfg.img_size, cfg.timesteps, self.name)
 
+    def forward_blocks(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`[T,B,C,H,W]` input sequence -> the last block's membrane maps `[T,B,D,H',W']` (`[T,B,D,K,1]` when a
+        selector gathered K tokens) and the keep mask the pooling applies (`spkprune.models.token_flow`)."""
+        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
+        return run_blocks(self.patch_embed(sequence), enumerate(self.block), selectors, MAPS)
+
     def forward_features(self, sequence: torch.Tensor) -> torch.Tensor:
-        """`[T,B,C,H,W]` input sequence -> the last block's membrane maps `[T,B,D,H',W']`."""
-        x = self.patch_embed(sequence)
-        for block in self.block:
-            x = block(x)
-        return x
+        """`[T,B,C,H,W]` input sequence -> the last block's membrane maps (`forward_blocks` without the mask)."""
+        return self.forward_blocks(sequence)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits `[B, classes]`. Every neuron starts from a zero membrane on every call."""
-        pooled = self.forward_features(self.encode(x)).flatten(3).mean(3)  # [T,B,D]: mean over tokens
+        maps, keep = self.forward_blocks(self.encode(x))
+        pooled = mean_over_kept(maps.flatten(3), keep)  # [T,B,D]: mean over (kept) tokens
         return self.head(self.head_lif(pooled)).mean(0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

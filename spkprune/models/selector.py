@@ -34,6 +34,7 @@ from spkprune.errors import SpkpruneError
 
 SCORERS = ("learned", "firing-rate", "random")
 MODES = ("gather", "mask")
+ACTIONS = ("drop", "skip")  # what becomes of the tokens a selector does not keep (`spkprune.models.token_flow`)
 DEFAULT_SCORER = "learned"
 _EPS = 1e-9  # int() truncation of N * ratio, robust to 0.7**2 * 100 = 48.99999...
 # Spread of the warm-started keep-minus-drop logits: wide enough that Gumbel sampling mostly follows the firing-rate
@@ -70,11 +71,15 @@ class TokenSelector(nn.Module):
         scorer: str = DEFAULT_SCORER,
         num_tokens: int | None = None,
         initial_keep: float | None = None,
+        action: str = "drop",
     ):
         super().__init__()
         if scorer not in SCORERS:
             raise SpkpruneError(f"unknown token scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        if action not in ACTIONS:
+            raise SpkpruneError(f"unknown token action {action!r}; choose one of {', '.join(ACTIONS)}")
         _check_ratio(keep_ratio)
+        self.action = action
         self.dim = dim
         self.keep_ratio = float(keep_ratio)
         self.scorer = scorer
@@ -98,7 +103,8 @@ class TokenSelector(nn.Module):
                     self.mlp[2].bias.copy_(torch.tensor([math.log(p), math.log(1 - p)]))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}, mode={self.mode!r}"
+        return (f"dim={self.dim}, keep_ratio={self.keep_ratio}, scorer={self.scorer!r}, action={self.action!r}, "
+                f"mode={self.mode!r}")
 
     @property
     def has_weights(self) -> bool:
@@ -259,24 +265,33 @@ def cumulative_keep(keep: float | list[float], locations: list[int]) -> list[flo
 
 
 def validate_selector(model: nn.Module, config: dict) -> dict:
-    """The normalised configuration `{"locations", "keep", "scorer"}`; one clear SpkpruneError if it cannot work."""
-    unknown = sorted(set(config) - {"locations", "keep", "scorer"})
+    """The normalised configuration `{"locations", "keep", "scorer"}` (and `"action": "skip"` when skipping; drop is
+    the default and not written, so configurations stored before skipping existed read the same); one clear
+    SpkpruneError if it cannot work."""
+    unknown = sorted(set(config) - {"locations", "keep", "scorer", "action"})
     if unknown:
         raise SpkpruneError(f"unknown token selector option(s): {', '.join(unknown)}")
     scorer = config.get("scorer", DEFAULT_SCORER)
     if scorer not in SCORERS:
         raise SpkpruneError(f"unknown token scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    action = config.get("action") or "drop"
+    if action not in ACTIONS:
+        raise SpkpruneError(f"unknown token action {action!r}; choose one of {', '.join(ACTIONS)}")
     allowed = model.selector_locations()
     depth = model.config.depth
     locations = config.get("locations") or allowed
     locations = [int(loc) for loc in locations]
+    where = f"{model.name} ({getattr(model, 'family', type(model).__name__)} family)"
+    rule = getattr(model, "selector_rule", "block 0 always sees every token")
+    if not allowed and depth < 2:
+        raise SpkpruneError(f"{where} has {depth} block(s): a token selector needs at least 2 blocks")
     if not allowed:
-        raise SpkpruneError(f"{model.name} has {depth} block(s): a token selector needs at least 2 blocks")
+        raise SpkpruneError(f"{where} has no selector location: {rule}")
     bad = [loc for loc in locations if loc not in allowed]
     if bad:
         raise SpkpruneError(
-            f"selector location(s) {bad} do not exist in {model.name}: choose among {allowed} "
-            f"(block 0 always sees every token; the model has {depth} blocks)"
+            f"selector location(s) {bad} do not exist in {where}: choose among {allowed} "
+            f"({rule}; the model has {depth} blocks)"
         )
     if len(set(locations)) != len(locations):
         raise SpkpruneError(f"selector locations {locations} repeat a block")
@@ -290,7 +305,7 @@ def validate_selector(model: nn.Module, config: dict) -> dict:
             raise SpkpruneError(
                 f"keep ratio {ratio:g} before block {loc} leaves 0 of {n} tokens; use a keep ratio >= {1 / n:.3g}"
             )
-    return {"locations": locations, "keep": keep, "scorer": scorer}
+    return {"locations": locations, "keep": keep, "scorer": scorer, **({"action": action} if action != "drop" else {})}
 
 
 def attach_selectors(model: nn.Module, config: dict) -> nn.Module:
@@ -305,7 +320,8 @@ def attach_selectors(model: nn.Module, config: dict) -> nn.Module:
     model.token_selectors.clear()
     previous = 1.0
     for loc, ratio in zip(config["locations"], config["keep"]):
-        selector = TokenSelector(model.token_dim, ratio, config["scorer"], model.num_tokens, ratio / previous)
+        selector = TokenSelector(model.token_dim, ratio, config["scorer"], model.num_tokens, ratio / previous,
+                                 config.get("action", "drop"))
         previous = ratio
         selector.track = track
         model.token_selectors[str(loc)] = selector.to(device)
@@ -319,16 +335,14 @@ def detach_selectors(model: nn.Module) -> nn.Module:
 
 
 def selector_config(model: nn.Module) -> dict | None:
-    """`{"locations", "keep", "scorer"}` of the attached selectors, or None for a dense model."""
+    """`{"locations", "keep", "scorer"}` (and `"action": "skip"`) of the attached selectors, None for a dense model."""
     selectors = selectors_of(model)
     if not selectors:
         return None
     locations = sorted(selectors)
-    return {
-        "locations": locations,
-        "keep": [selectors[loc].keep_ratio for loc in locations],
-        "scorer": selectors[locations[0]].scorer,
-    }
+    first = selectors[locations[0]]
+    config = {"locations": locations, "keep": [selectors[loc].keep_ratio for loc in locations], "scorer": first.scorer}
+    return {**config, "action": first.action} if first.action != "drop" else config
 
 
 def selectors_of(model: nn.Module) -> dict[int, TokenSelector]:
@@ -343,13 +357,16 @@ def set_selector_mode(model: nn.Module, mode: str) -> nn.Module:
 
 
 def tokens_per_block(model: nn.Module) -> list[int]:
-    """Tokens each block sees at inference (fixed counts: `int(N * ratio)` after each selector)."""
+    """Tokens each block works on at inference (fixed counts: `int(N * ratio)` after each selector, whether the
+    others were dropped or skip the block). `model.block_tokens()`, where a family has it, gives the dense counts
+    (QKFormer's stages differ); else every block sees `num_tokens`."""
     selectors = selectors_of(model)
-    counts, current = [], model.num_tokens
-    for block in range(model.config.depth):
+    dense = model.block_tokens() if hasattr(model, "block_tokens") else [model.num_tokens] * model.config.depth
+    counts, current = [], None
+    for block, tokens in enumerate(dense):
         if block in selectors:
             current = selectors[block].k(model.num_tokens)
-        counts.append(current)
+        counts.append(tokens if current is None else current)
     return counts
 
 
@@ -410,6 +427,7 @@ def last_kept(model: nn.Module) -> dict[int, float]:
 
 
 __all__ = [
+    "ACTIONS",
     "MODES",
     "SCORERS",
     "TokenSelector",

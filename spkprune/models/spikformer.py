@@ -20,6 +20,7 @@ from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.packing import packing_active, register_small_integers, register_spikes
 from spkprune.models.presets import SpikformerConfig
+from spkprune.models.token_flow import SEQUENCE, run_blocks
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
 
@@ -346,14 +347,10 @@ class Spikformer(nn.Module):
         return x.unsqueeze(0).repeat(cfg.timesteps, 1, 1, 1, 1)
 
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the blocks (and any token selectors) on `[T, B, N, C]` tokens; returns tokens and the keep mask."""
-        keep = None
-        for index, block in enumerate(self.block):
-            selector = self.token_selectors[str(index)] if str(index) in self.token_selectors else None
-            if selector is not None:
-                tokens, keep = selector(tokens, keep)
-            tokens = block(tokens, keep)
-        return tokens, keep
+        """Run the blocks (and any token selectors) on `[T, B, N, C]` tokens; returns tokens and the keep mask the
+        pooling applies (`spkprune.models.token_flow`)."""
+        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
+        return run_blocks(tokens, enumerate(self.block), selectors, SEQUENCE)
 
     def pool(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Mean over (kept) tokens, then over time: `[T, B, N, C]` -> `[B, C]`."""

@@ -98,10 +98,8 @@ def select_tokens(
     `meta` with `selector`, `selection` (loss weights, teacher, teacher metrics, tokens per block), `train` and
     `metrics`; saving it (and its `parent`) is the caller's job.
     """
+    epochs = check_budget(selection, epochs)
     cfg = finetune_config(source, epochs, **{"lr_scales": selection.lr_scales(), **(train_overrides or {})})
-    epochs = FINETUNE_EPOCHS if epochs is None else epochs
-    if epochs == 0 and selection.scorer == "learned":
-        raise SpkpruneError("a learned selector must be trained: pass --epochs 1 or more, or use --scorer firing-rate")
     seed_everything(cfg.seed)
     model = attach_selectors(detach_selectors(build_model(source)), selection.selector())
     teacher_net = teacher_model(source, teacher)
@@ -127,6 +125,21 @@ def select_tokens(
                                amp=cfg.amp)
     checkpoint = _result_checkpoint(source, model, selection, cfg, metrics, teacher_metrics, teacher, epochs)
     return SelectionResult(checkpoint, model, metrics, teacher_metrics, tokens_per_block(model), history)
+
+
+def check_budget(selection: SelectionConfig, epochs: int | None) -> int:
+    """The fine-tuning epochs (default 10; 0 when skipping, which is training-free); one line when the scorer and
+    the action cannot work with them."""
+    skipping = selection.action == "skip"
+    epochs = (0 if skipping else FINETUNE_EPOCHS) if epochs is None else epochs
+    if skipping and (epochs > 0 or selection.scorer == "learned"):
+        raise SpkpruneError(
+            "--action skip is training-free (TP-Spikformer's early stopping): use --scorer firing-rate or random "
+            "with --epochs 0 (the default), or --action drop to fine-tune"
+        )
+    if epochs == 0 and selection.scorer == "learned":
+        raise SpkpruneError("a learned selector must be trained: pass --epochs 1 or more, or use --scorer firing-rate")
+    return epochs
 
 
 def _first_images(data, count: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.models import family_of_meta
 from spkprune.paths import check_output_folder
 from spkprune.selection.analysis import analysis_model, analyze_tokens, rate_table, sample_images, write_analysis
-from spkprune.selection.finetune import SelectionResult, select_tokens
+from spkprune.selection.finetune import SelectionResult, check_budget, select_tokens
 from spkprune.selection.settings import SelectTokensSettings
 from spkprune.store import Artifact, Store, parse_ref
 
@@ -35,6 +35,7 @@ class SelectTokensOutcome:
     result: SelectionResult | None
     analysis: TokenAnalysisOutcome | None = None
     scorer: str | None = None
+    action: str = "drop"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -47,7 +48,8 @@ class SelectTokensOutcome:
             return {}
         teacher, student = self.result.teacher_metrics["top1"], self.result.metrics["top1"]
         return {
-            "ref": self.artifact.ref, "parent": self.source.ref, "scorer": self.scorer, "teacher_top1": teacher,
+            "ref": self.artifact.ref, "parent": self.source.ref, "scorer": self.scorer, "action": self.action,
+            "teacher_top1": teacher,
             "student_top1": student, "change_points": round(100 * (student - teacher), 4),
         }
 
@@ -70,6 +72,8 @@ def run_select_tokens(
         _check_name_free(store, settings)
     if settings.analyze:
         check_output_folder(settings.out, "--out")
+    if settings.name is not None:
+        check_budget(settings.selection(), settings.epochs)
     source = load_checkpoint(settings.ref, store)
     check_selectable(source, settings.locations)
     outcome = SelectTokensOutcome(None, source, None)
@@ -111,11 +115,11 @@ def _finetune(store: Store, source: Checkpoint, settings: SelectTokensSettings, 
     art = save_checkpoint(store, settings.name, "main", result.checkpoint, parent=source.ref,
                           replace=settings.overwrite)
     log(f"saved {art.ref} (parent {source.ref})")
-    return SelectTokensOutcome(art, source, result, scorer=selection.scorer)
+    return SelectTokensOutcome(art, source, result, scorer=selection.scorer, action=selection.action)
 
 
 def _analyze(ckpt: Checkpoint, settings: SelectTokensSettings, log: Log) -> TokenAnalysisOutcome:
-    selector = {"keep": settings.keep, "scorer": settings.scorer or "firing-rate"}
+    selector = {"keep": settings.keep, "scorer": settings.scorer or "firing-rate", "action": settings.action}
     if settings.locations:
         selector["locations"] = list(settings.locations)
     model = analysis_model(ckpt, selector)

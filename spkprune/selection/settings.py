@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BeforeValidator, Field
 
 from spkprune.counting.settings import KEEP_HELP, KeepRatio
-from spkprune.models.selector import SCORERS
+from spkprune.models.selector import ACTIONS, SCORERS
 from spkprune.selection.loss import DISTILL_WEIGHT, RATIO_WEIGHT
 from spkprune.settings import NonNegativeFloat, NonNegativeInt, Settings, option, split_list
 from spkprune.training.config import BatchSize, LearningRate
@@ -31,6 +31,9 @@ class SelectionConfig(Settings):
                                          "1,2,3 for 4 blocks).", split=True)
     scorer: Literal[SCORERS] = option("learned", "learned (the paper's MLP + Gumbel-softmax), firing-rate "
                                       "(training-free) or random (control).")
+    action: Literal[ACTIONS] = option("drop", "What becomes of the tokens a selector does not keep: drop (they leave "
+                                      "the model) or skip (TP-Spikformer: they stop being updated and are carried "
+                                      "to the final pooling; training-free, weightless scorers only).")
     ratio_weight: NonNegativeFloat = option(RATIO_WEIGHT, "Weight of the keep-ratio MSE (divided by the number of "
                                             "selectors, as in the reference code).")
     distill_weight: NonNegativeFloat = option(DISTILL_WEIGHT, "Weight of the KL distillation from the teacher (0 "
@@ -52,6 +55,8 @@ class SelectionConfig(Settings):
 
     def selector(self) -> dict:
         config = {"keep": self.keep, "scorer": self.scorer}
+        if self.action != "drop":  # drop, the default, is not written: stored configurations read as before
+            config["action"] = self.action
         if self.locations:
             config["locations"] = list(self.locations)
         return config
@@ -69,9 +74,9 @@ class SelectTokensSettings(SelectionConfig):
                                  identity=False)
     scorer: Optional[Literal[SCORERS]] = option(None, "learned (the paper's MLP + Gumbel-softmax), firing-rate "
                                                 "(training-free) or random (control). Default: learned; "
-                                                "firing-rate for --analyze without --name.")
-    epochs: Optional[NonNegativeInt] = option(None, "Fine-tuning epochs (default 10; 0 evaluates a firing-rate or "
-                                              "random selector without fine-tuning).")
+                                                "firing-rate with --action skip or --analyze without --name.")
+    epochs: Optional[NonNegativeInt] = option(None, "Fine-tuning epochs (default 10, 0 with --action skip; 0 "
+                                              "evaluates a firing-rate or random selector without fine-tuning).")
     lr: Optional[LearningRate] = option(None, "Peak learning rate (default: 0.2 x the checkpoint's training lr).")
     batch_size: Optional[BatchSize] = option(None, "Training batch size (default: the checkpoint's).")
     teacher: Optional[str] = option(None, "Frozen teacher for distillation (default: REF itself, without "
@@ -88,7 +93,8 @@ class SelectTokensSettings(SelectionConfig):
 
     def selection(self) -> SelectionConfig:
         values = {name: getattr(self, name) for name in SelectionConfig.model_fields}
-        return SelectionConfig(**{**values, "scorer": self.scorer or "learned"})
+        default = "firing-rate" if self.action == "skip" else "learned"
+        return SelectionConfig(**{**values, "scorer": self.scorer or default})
 
     def train_overrides(self) -> dict:
         return {"lr": self.lr, "batch_size": self.batch_size, "dataset": self.dataset, "data_dir": self.data_dir,
