@@ -24,6 +24,7 @@ from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.export.exporter import export_checkpoint
 from spkprune.models import create_model
+from spkprune.models.families import FAMILIES
 from spkprune.models.structure_sites import structure_sites
 from spkprune.pruning import masks as M
 from spkprune.pruning.imp import ImpSettings, run_imp
@@ -342,3 +343,40 @@ def test_widths_round_trip_and_uniform_widths_change_nothing():
         spkprune.get_config(QK, block_heads=[1, 2])
     with pytest.raises(SpkpruneError, match="stem_channels must be 3 whole numbers >= 1"):
         spkprune.get_config(SDT, stem_channels=[0, 4, 4])
+
+
+# ------------------------------------------------------------------------------ selectors and counting
+@pytest.mark.parametrize("preset, location", [(SDT, 1), (QK, 2)])
+def test_a_model_with_token_selectors_compacts_exactly(preset, location):
+    from spkprune.models.selector import attach_selectors, selector_config
+
+    model = firing(preset)
+    attach_selectors(model, {"locations": [location], "keep": 0.7, "scorer": "learned"})
+    model.eval()
+    masks = _full(model)
+    heads = [s for s in structure_sites(model) if s.kind == "heads"]
+    _remove(masks, model, heads[-1].layer, [0, 3])
+    masked = _masked(model, masks)
+    masked.meta["selector"] = selector_config(model)
+    compaction = compact_checkpoint(masked)
+    assert compaction.checkpoint.meta["selector"] == selector_config(model)
+    assert assert_same_spikes(masked, compaction, get_dataset("digits", "test").images[:32] * 4) > 0
+
+
+@pytest.mark.skipif(not all(FAMILIES[f].counted for f in ("sdt", "qkformer")),
+                    reason="flops report counts these families once counting/ covers them")
+@pytest.mark.parametrize("preset", [SDT, QK])
+def test_flops_report_counts_the_compacted_model(preset):
+    from spkprune.counting import count_operations
+
+    model = firing(preset)
+    masks = _full(model)
+    for site in structure_sites(model):
+        if site.kind != "stem":
+            _remove(masks, model, site.layer, list(range(site.units // 2)))
+    masked = _masked(model, masks)
+    compaction = compact_checkpoint(masked)
+    small = count_operations(compaction.model, masks=compaction.checkpoint.masks)
+    dense = count_operations(build_model(masked).eval(), masks=masked.masks)
+    assert small["totals"]["dense_macs"] < dense["totals"]["dense_macs"]
+    assert small["totals"]["nonzero_macs"] == pytest.approx(dense["totals"]["nonzero_macs"], rel=0.02)
