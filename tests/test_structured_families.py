@@ -23,7 +23,7 @@ from spkprune.compact import CompactSettings, compact_checkpoint, run_compact
 from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.export.exporter import export_checkpoint
-from spkprune.models import create_model
+from spkprune.models import create_model, fastpath
 from spkprune.models.families import FAMILIES
 from spkprune.models.structure_sites import structure_sites
 from spkprune.pruning import masks as M
@@ -250,6 +250,19 @@ def test_a_silent_sdt_mlp_channel_goes_and_one_its_batchnorm_fires_stays():
     assert_same_spikes(masked, compaction, get_dataset("digits", "test").images[:32])
 
 
+def test_an_sdt_mlp_cut_to_the_embedding_width_takes_no_hidden_shortcut():
+    # the original adds the block's input to the hidden membrane when hidden == embed_dim (MLP ratio 1); a compacted
+    # hidden width of 64 = embed_dim must not switch that on
+    model = firing(SDT)
+    masks = _full(model)
+    _remove(masks, model, "block.0.mlp", list(range(192)))
+    masked = _masked(model, masks)
+    compaction = compact_checkpoint(masked)
+    assert compaction.model.config.block_mlp_hidden == (64, 256)
+    assert not compaction.model.block[0].mlp.hidden_shortcut
+    assert_same_spikes(masked, compaction, get_dataset("digits", "test").images[:32] * 4)
+
+
 # ------------------------------------------------------------------------------------------- IMP runs
 TRAIN = TrainConfig(epochs=1, batch_size=256, eval_batch_size=512, warmup_epochs=0, eval_every=0, lr=5e-3, seed=3)
 TINY = {SDT: dict(embed_dim=32, timesteps=2), QK: dict(embed_dim=32, timesteps=2)}
@@ -328,7 +341,7 @@ def test_the_cli_compacts_a_qkformer_ticket_and_reports_its_widths(store):
     assert doc["bytes_after"] < doc["bytes_before"]
 
 
-def test_widths_round_trip_and_uniform_widths_change_nothing():
+def test_widths_round_trip_run_on_the_fast_paths_and_uniform_widths_change_nothing():
     for preset, widths in ((SDT, dict(block_heads=[3, 8], block_mlp_hidden=[5, 256], stem_channels=[3, 7, 20])),
                            (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9]))):
         model = spkprune.create_model(preset, **widths)
@@ -336,6 +349,14 @@ def test_widths_round_trip_and_uniform_widths_change_nothing():
         assert type(model.config).from_dict(stored) == model.config
         spkprune.create_model(preset, **stored).load_state_dict(model.state_dict(), strict=True)
         assert spkprune.get_config(preset).to_dict()["block_heads"] is None
+    for preset, widths in ((SDT, dict(block_heads=[3, 8], block_mlp_hidden=[64, 200], stem_channels=[3, 7, 20])),
+                           (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9]))):
+        model = firing(preset, **widths)
+        x = torch.rand(2, 1, 8, 8) * 4
+        with torch.no_grad():
+            torch.testing.assert_close(fastpath.prepare_for_inference(model)(x), model(x), atol=1e-4, rtol=0)
+        fastpath.prepare_for_training(model.train())
+        model(x).sum().backward()
     uniform = spkprune.create_model(QK, block_heads=[8, 8, 8], block_mlp_hidden=[64, 128, 256])
     assert {k: v.shape for k, v in uniform.state_dict().items()} == \
         {k: v.shape for k, v in spkprune.create_model(QK).state_dict().items()}
