@@ -16,7 +16,7 @@ LAYERS = [
     {"models", "store", "data"},
     {"checkpoint", "__init__"},
     {"training", "counting"},
-    {"pruning", "selection", "export", "compact", "bench"},
+    {"pruning", "selection", "export", "compact", "bench", "sensitivity"},
     {"recipes"},
     {"cli", "__main__"},
 ]

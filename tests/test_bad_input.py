@@ -182,6 +182,16 @@ def _untrained(store: Path, preset: str, name: str) -> None:
     save_checkpoint(Store.open(store), name, "init", Checkpoint(weights, {}, meta))
 
 
+def _one_block_digits(tmp: Path, store: Path) -> None:
+    """`shallow`: a one-block digits Spikformer, which has no place for a token selector."""
+    from spkprune.checkpoint import Checkpoint, save_checkpoint
+    from spkprune.models import create_model
+
+    model = create_model(DIGITS, depth=1)
+    meta = {"arch": DIGITS, "config": model.config.to_dict(), "selector": None}
+    save_checkpoint(Store.open(store), "shallow", "main", Checkpoint(model.state_dict(), {}, meta))
+
+
 def _sdt_checkpoint(tmp: Path, store: Path) -> None:
     """An (untrained) Spike-driven Transformer `sdt` in the store."""
     _untrained(store, "sdt-2-64-digits", "sdt")
@@ -308,6 +318,27 @@ CASES = [
     BadInput("train-timesteps-0", ("train", "--name", "x", "--timesteps", "0"), r"^error: --timesteps: must be >= 1 \(got 0\)$"),
     BadInput("train-init-timesteps-0", ("train", "--init", "dense", "--name", "x", "--timesteps", "0"),
              r"^error: --timesteps: must be >= 1 \(got 0\)$", _trained_digits),
+    # Sensitivity scans and the allocations drawn from them (spkprune sensitivity, imp --allocation sensitivity).
+    BadInput("sensitivity-ratio-0", ("sensitivity", "dense", "--ratios", "0,0.5"),
+             r"^error: --ratios: must be > 0 \(got '0'\)$", _trained_digits),
+    BadInput("sensitivity-ratio-1", ("sensitivity", "dense", "--ratios", "0.5,1"),
+             r"^error: --ratios: must be < 1 \(got '1'\)$", _trained_digits),
+    BadInput("sensitivity-no-ratios", ("sensitivity", "dense", "--ratios", ","),
+             r"^error: --ratios: give one or more ratios strictly between 0 and 1", _trained_digits),
+    BadInput("sensitivity-locations-of-a-one-block-model", ("sensitivity", "shallow", "--over", "locations"),
+             r"^error: sensitivity --over locations: spikformer-2-64-digits has no selector locations \(a token "
+             r"selector needs at least 2 blocks; it has 1\)$", _one_block_digits),
+    BadInput("sensitivity-not-a-store-ref", ("sensitivity", "{tmp}/w.safetensors"),
+             r"^error: sensitivity needs a store reference NAME\[@TAG\]", _weights_file),
+    BadInput("imp-allocation-without-a-scan", ("imp", "dense", "--name", "t", "--allocation", "sensitivity"),
+             r"^error: --allocation sensitivity needs a sensitivity scan of dense@main over layers: run spkprune "
+             r"sensitivity dense@main --over layers first$", _trained_digits),
+    BadInput("imp-allocation-with-channels",
+             ("imp", "dense", "--name", "t", "--allocation", "sensitivity", "--granularity", "channel"),
+             r"^error: allocation sensitivity sets each layer's sparsity itself", _trained_digits),
+    BadInput("select-tokens-keep-allocation-without-a-scan",
+             ("select-tokens", "dense", "--name", "s", "--keep-allocation", "sensitivity"),
+             r"^error: --keep-allocation sensitivity needs a sensitivity scan of dense@main over locations", _trained_digits),
     # Usage mistakes: one line in the same format, not click's usage box.
     BadInput("missing-argument", ("imp",), r"^error: imp: missing argument 'REF' \(see spkprune imp --help\)$"),
     BadInput("not-an-integer", ("imp", "net", "--name", "t", "--rounds", "five"), r"^error: imp: invalid value for '--rounds'"),

@@ -22,6 +22,7 @@ from spkprune.export.settings import ExportSettings
 from spkprune.pruning.settings import ImpCommandSettings, ImpSettings
 from spkprune.recipes import STAGE_TYPES
 from spkprune.selection.settings import SelectionConfig, SelectTokensSettings
+from spkprune.sensitivity.settings import SensitivitySettings
 from spkprune.settings import cli_flag, field_meta
 from spkprune.store import Store
 from spkprune.training.settings import EvaluateSettings, TrainSettings
@@ -35,6 +36,7 @@ COMMANDS = {
     ("export",): ExportSettings,
     ("compact",): CompactSettings,
     ("bench",): BenchSettings,
+    ("sensitivity",): SensitivitySettings,
 }
 
 

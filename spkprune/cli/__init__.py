@@ -15,4 +15,5 @@ from spkprune.cli import (  # noqa: F401  (importing registers the commands)
     bench,
     list_models,
     sweep,
+    sensitivity,
 )

@@ -18,6 +18,8 @@ from spkprune.pruning import masks as M
 from spkprune.pruning.settings import ImpSettings
 from spkprune.pruning.structured import check_reachable, random_structured_masks, structured_masks
 from spkprune.pruning.structures import Group, eligible_groups, is_removed, removed_structures
+from spkprune.sensitivity.allocation import Curve, allocate, curves_of, predicted_drop, scan_ref, stored_scan
+from spkprune.store import Artifact, Store
 
 Masks = dict[str, torch.Tensor]
 
@@ -99,11 +101,57 @@ class ChannelPruning:
         return sum(is_removed(group, masks) for group in self.groups)
 
 
-Pruning = WeightPruning | ChannelPruning
+@dataclass
+class AllocatedPruning(WeightPruning):
+    """Single weights by magnitude, with per-layer counts from a sensitivity scan (`--allocation sensitivity`):
+    exactly `round(n * level)` of the `n` eligible weights in all, spread over the layers with the least predicted
+    top-1 drop (`spkprune.sensitivity.allocation`). A higher level only adds to what a lower one prunes."""
+
+    curves: dict[str, Curve]  # per eligible key, from the scan
+    scan: str  # where the scan is stored
+
+    def check(self, base: Mapping[str, torch.Tensor], levels: Sequence[float]) -> None:
+        already = M.count_pruned({key: base[key] for key in self.eligible})
+        if already:
+            raise SpkpruneError(f"--allocation sensitivity starts from an unpruned checkpoint; the source prunes "
+                                f"{already} eligible weights already (use --allocation uniform)")
+        self.counts(levels[-1])  # a level the scanned layers cannot take is refused before any work
+
+    def counts(self, level: float) -> dict[str, int]:
+        total = sum(curve.size for curve in self.curves.values())
+        return allocate(self.curves, M.pruned_count(total, level))
+
+    def prune(self, state_dict: Mapping[str, torch.Tensor], masks: Masks, level: float) -> Masks:
+        return {**masks, **M.counted_magnitude_masks(state_dict, masks, self.counts(level))}
+
+    def describe(self, masks: Mapping[str, torch.Tensor]) -> dict:
+        counts = {key: M.count_pruned({key: masks[key]}) if key in masks else 0 for key in self.eligible}
+        allocation = {"scan": self.scan, "predicted_drop": predicted_drop(self.curves, counts),
+                      "layer_sparsity": {key: counts[key] / self.curves[key].size for key in self.eligible}}
+        return {**super().describe(masks), "allocation": allocation}
 
 
-def pruning_strategy(settings: ImpSettings, structures: Sequence[Group], eligible: list[str]) -> Pruning:
-    """The strategy `settings` choose, over the `eligible` weights of a model with `structures`."""
+Pruning = WeightPruning | ChannelPruning | AllocatedPruning
+
+
+def layer_curves(store: Store, source: Artifact, eligible: Sequence[str]) -> dict[str, Curve]:
+    """The drop curve of every eligible weight from the stored layer scan of `source` (one line when it is missing
+    or does not cover them)."""
+    curves = curves_of(stored_scan(store, source, "layers", "--allocation sensitivity"))
+    missing = [key for key in eligible if key not in curves]
+    if missing:
+        raise SpkpruneError(f"the sensitivity scan of {source.ref} does not cover {missing[0]}; run spkprune "
+                            f"sensitivity {source.ref} --over layers again")
+    return {key: curves[key] for key in eligible}
+
+
+def pruning_strategy(settings: ImpSettings, structures: Sequence[Group], eligible: list[str],
+                     store: Store | None = None, source: Artifact | None = None) -> Pruning:
+    """The strategy `settings` choose, over the `eligible` weights of a model with `structures` (`store` and
+    `source`: where the sensitivity scan of `--allocation sensitivity` is)."""
+    if settings.allocation == "sensitivity":
+        return AllocatedPruning(eligible, settings.scope, structures, layer_curves(store, source, eligible),
+                                scan_ref(source, "layers"))
     if settings.granularity == "weight":
         return WeightPruning(eligible, settings.scope, structures)
     chosen = [group for group in structures if group.kind in settings.structures]

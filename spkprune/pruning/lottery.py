@@ -47,7 +47,7 @@ class Lottery:
         self.rewind = resolve_rewind(store, src, settings.rewind)
         if settings.granularity == "channel":
             require(family_of_meta(src.ckpt.meta), "channel_structures", "imp --granularity channel")
-        self.pruning = pruning_strategy(settings, src.structures, src.eligible)
+        self.pruning = pruning_strategy(settings, src.structures, src.eligible, store, src.art)
         self.pruning.check(src.base_masks, self.levels)  # a level it cannot reach is refused before any work
 
     # ---- naming ----------------------------------------------------------------------------------------------

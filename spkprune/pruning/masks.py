@@ -119,14 +119,9 @@ def magnitude_masks(
     """
     if scope not in SCOPES:
         raise SpkpruneError(f"unknown --scope {scope!r}; choose global or layerwise")
-    scores = magnitude_scores(weights, masks)
     if scope == "layerwise":
-        out = {}
-        for key, score in scores.items():
-            n = pruned_count(score.numel(), sparsity)
-            _check_monotone(masks[key], n, key)
-            out[key] = _mask_pruning(score.shape, _lowest(score, n))
-        return out
+        return counted_magnitude_masks(weights, masks, {k: pruned_count(m.numel(), sparsity) for k, m in masks.items()})
+    scores = magnitude_scores(weights, masks)
     keys = list(scores)
     flat = torch.cat([scores[k].flatten() for k in keys])
     n = pruned_count(flat.numel(), sparsity)
@@ -140,6 +135,19 @@ def magnitude_masks(
         size = scores[key].numel()
         out[key] = ~pruned[start : start + size].view(scores[key].shape)
         start += size
+    return out
+
+
+def counted_magnitude_masks(
+    weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], counts: Mapping[str, int]
+) -> Masks:
+    """New masks for the keys of `counts`, each pruning exactly `counts[key]` of its tensor's weights by magnitude
+    (those `masks` prune already first; counts must not decrease)."""
+    scores = magnitude_scores(weights, {key: masks[key] for key in counts})
+    out = {}
+    for key, n in counts.items():
+        _check_monotone(masks[key], n, key)
+        out[key] = _mask_pruning(scores[key].shape, _lowest(scores[key], n))
     return out
 
 

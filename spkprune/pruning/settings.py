@@ -21,12 +21,14 @@ DEFAULT_ROUNDS = 10
 DEFAULT_RECALIBRATE_BATCHES = 20
 CONTROLS = ("none", "random-reinit", "random-prune")
 GRANULARITIES = ("weight", "channel")
+ALLOCATIONS = ("uniform", "sensitivity")
 _REWIND_RE = re.compile(r"^(init|none|epoch:(\d+)|iter:(\d+))$")
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Globs = Annotated[tuple[str, ...], BeforeValidator(split_list)]
 Structures = Annotated[tuple[str, ...], BeforeValidator(split_list)]  # names checked below (choices: KINDS)
 # Fields added after stores began recording the run identity: part of it only when they differ from their defaults.
-_LATER_FIELDS = ("granularity", "structures", "importance", "one_shot", "recalibrate_batches", "finetune_epochs")
+_LATER_FIELDS = ("granularity", "structures", "importance", "one_shot", "recalibrate_batches", "finetune_epochs",
+                 "allocation")
 
 
 class ImpSettings(Settings):
@@ -55,6 +57,9 @@ class ImpSettings(Settings):
                                     split=True)
     importance: Literal[IMPORTANCES] = option("l2", "With --granularity channel: rank structures by the norm of "
                                               "their weights (l2) or by their BatchNorm scales (bn).")
+    allocation: Literal[ALLOCATIONS] = option("uniform", "How the sparsity is spread over the layers: uniform (by "
+                                              "--scope) or sensitivity (per-layer targets from the stored scan of "
+                                              "`spkprune sensitivity REF`, least predicted damage; weight granularity).")
     one_shot: bool = option(False, "One-shot pruning: one round straight to --target from the source's weights, no "
                             "rewind and no retraining (BatchNorm recalibrated; --finetune-epochs to fine-tune).")
     recalibrate_batches: NonNegativeInt = option(DEFAULT_RECALIBRATE_BATCHES, "With --one-shot: re-estimate the "
@@ -101,6 +106,13 @@ class ImpSettings(Settings):
     def _one_schedule(self):
         if self.target is not None and self.rate is not None:
             raise ValueError("give exactly one of target and rate")
+        return self
+
+    @model_validator(mode="after")
+    def _allocation_of_weights(self):
+        if self.allocation == "sensitivity" and (self.granularity != "weight" or self.scope != "global"):
+            raise ValueError("allocation sensitivity sets each layer's sparsity itself: it applies with granularity "
+                             "weight and scope global")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,8 @@ from spkprune.paths import check_output_folder
 from spkprune.selection.analysis import analysis_model, analyze_tokens, rate_table, sample_images, write_analysis
 from spkprune.selection.finetune import SelectionResult, check_budget, select_tokens
 from spkprune.selection.settings import SelectTokensSettings
-from spkprune.store import Artifact, Store, parse_ref
+from spkprune.sensitivity.allocation import location_keep, stored_scan
+from spkprune.store import Artifact, Store, is_store_ref, parse_ref
 
 Log = Callable[[str], None]
 
@@ -76,6 +77,10 @@ def run_select_tokens(
         check_budget(settings.selection(), settings.epochs)
     source = load_checkpoint(settings.ref, store)
     check_selectable(source, settings.locations)
+    if settings.keep_allocation == "sensitivity":
+        keep = _allocated_keep(store, settings)
+        settings = settings.replace(keep=keep)
+        log(f"keep per location from the sensitivity scan: {', '.join(f'{ratio:.4g}' for ratio in keep)}")
     outcome = SelectTokensOutcome(None, source, None)
     analysed = source
     if settings.name is not None:
@@ -96,6 +101,14 @@ def check_selectable(source: Checkpoint, locations=None) -> None:
         f"{asked}select-tokens does not work on the {family.name} family yet: {source.meta.get('arch') or 'its model'}"
         " has no token axis a selector can gather (no selector locations; see docs/model-families.md)"
     )
+
+
+def _allocated_keep(store: Store | None, settings: SelectTokensSettings) -> list[float]:
+    """Cumulative keep ratios per location from the stored location scan of REF (`--keep-allocation sensitivity`)."""
+    art = store.resolve(settings.ref) if store is not None and is_store_ref(settings.ref) else None
+    scan = stored_scan(store, art, "locations", "--keep-allocation sensitivity")
+    locations = settings.locations or sorted({int(row["unit"].split()[1]) for row in scan["rows"]})
+    return location_keep(scan, settings.keep, locations)
 
 
 def _check_name_free(store: Store | None, settings: SelectTokensSettings) -> None:

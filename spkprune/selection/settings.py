@@ -15,6 +15,7 @@ from spkprune.settings import NonNegativeFloat, NonNegativeInt, Settings, option
 from spkprune.training.config import BatchSize, LearningRate
 
 INITS = ("firing-rate", "random")
+KEEP_ALLOCATIONS = ("uniform", "sensitivity")
 # Learning-rate factor of a learned selector's MLP: a warm-started MLP already ranks tokens well and the
 # straight-through gradient is noisy, so it moves at a tenth of the backbone's rate; from the paper's random
 # initialisation it learns at the full rate.
@@ -84,6 +85,10 @@ class SelectTokensSettings(SelectionConfig):
     dataset: Optional[str] = option(None, "Data set (default: the one REF was trained on).")
     data_dir: Optional[str] = option(None, "Where the data set lives (not needed for digits).")
     seed: Optional[int] = option(None, "Random seed (default: the checkpoint's).")
+    keep_allocation: Literal[KEEP_ALLOCATIONS] = option("uniform", "uniform: --keep as given; sensitivity: as many "
+                                                        "tokens dropped in all as --keep drops, spread over the "
+                                                        "locations by the stored scan of `spkprune sensitivity REF "
+                                                        "--over locations` (least predicted damage).")
     analyze: bool = option(False, "Write firing-rate and kept-token pictures (PNG) and the kept-vs-dropped table "
                            "to --out (of the NAME result, or of REF without --name).", flag="--analyze",
                            identity=False)
