@@ -169,13 +169,13 @@ def _trained_digits(tmp: Path, store: Path) -> None:
         save_checkpoint(Store.open(store), "dense", tag, Checkpoint(model.state_dict(), {}, meta))
 
 
-def _untrained(store: Path, preset: str, name: str) -> None:
+def _untrained(store: Path, preset: str, name: str, **overrides) -> None:
     """An untrained `preset` in the store as `name` (@main, @init), with a training configuration as `train` leaves."""
     from spkprune.checkpoint import Checkpoint, save_checkpoint
     from spkprune.models import create_model
     from spkprune.training import TrainConfig
 
-    model = create_model(preset)
+    model = create_model(preset, **overrides)
     meta = {"arch": preset, "config": model.config.to_dict(), "train": TrainConfig().to_dict()}
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_checkpoint(Store.open(store), name, "main", Checkpoint(weights, {}, meta))
@@ -200,6 +200,11 @@ def _sdt_checkpoint(tmp: Path, store: Path) -> None:
 def _qkformer_checkpoint(tmp: Path, store: Path) -> None:
     """An (untrained) QKFormer `qk` in the store."""
     _untrained(store, "qkformer-3-64-digits", "qk")
+
+
+def _sdt_ratio_1_checkpoint(tmp: Path, store: Path) -> None:
+    """An (untrained) SDT `sdt` with MLP ratio 1: its hidden channels take a shortcut, so it has no MLP structures."""
+    _untrained(store, "sdt-2-64-digits", "sdt", mlp_ratio=1)
 
 
 _FLOPS = ("flops", "report", "spikformer-4-384-cifar10", "--dataset", "cifar10", "--data-dir", "{tmp}/data")
@@ -363,10 +368,15 @@ CASES = [
     BadInput("channel-imp-sdt-unknown-structure",
              ("imp", "sdt", "--name", "t", "--granularity", "channel", "--structures", "heads,tokens"),
              r"^error: --structures: must name one or more of heads, mlp, stem", _sdt_checkpoint),
-    BadInput("channel-imp-qkformer-stem",
-             ("imp", "qk", "--name", "t", "--granularity", "channel", "--structures", "stem", "--rounds", "1"),
-             r"^error: --structures stem: the qkformer family has no stem structures \(.*\); choose from heads, mlp$",
-             _qkformer_checkpoint),
+    BadInput("channel-imp-qkformer-unknown-structure",
+             ("imp", "qk", "--name", "t", "--granularity", "channel", "--structures", "stem,blocks"),
+             r"^error: --structures: must name one or more of heads, mlp, stem", _qkformer_checkpoint),
+    BadInput("channel-imp-sdt-ratio-1-mlp",
+             ("imp", "sdt", "--name", "t", "--granularity", "channel", "--structures", "mlp", "--rounds", "1"),
+             r"^error: --structures mlp: sdt-2-64-digits has no mlp structures; choose from heads, stem$",
+             _sdt_ratio_1_checkpoint),
+    BadInput("compact-qkformer-nothing-to-remove", ("compact", "qk", "--name", "c"),
+             r"^error: qk@main has nothing to remove: ", _qkformer_checkpoint),
 ]
 
 

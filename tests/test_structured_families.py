@@ -25,7 +25,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.export.exporter import export_checkpoint
 from spkprune.models import create_model, fastpath
 from spkprune.models.families import FAMILIES
-from spkprune.models.structure_sites import structure_sites
+from spkprune.models.structure_sites import check_kinds, structure_sites
 from spkprune.pruning import masks as M
 from spkprune.pruning.imp import ImpSettings, run_imp
 from spkprune.pruning.structured import removal_count
@@ -61,24 +61,32 @@ def test_sdt_structures_are_heads_mlp_channels_and_the_three_inner_stem_stages()
                             Slice(f"{attn}.proj_conv.weight", 1, 24, 32))
     assert head.norms == tuple(Slice(f"{attn}.{p}_bn.weight", 0, 24, 32) for p in "qkv")
     channel = next(g for g in groups if g.kind == "mlp" and g.layer == "block.0.mlp" and g.index == 7)
-    assert channel.weights == (Slice("block.0.mlp.fc1_conv.weight", 0, 7, 8), Slice("block.0.mlp.fc2_conv.weight", 1, 7, 8))
+    assert channel.weights == (Slice("block.0.mlp.fc1_conv.weight", 0, 7, 8),
+                               Slice("block.0.mlp.fc2_conv.weight", 1, 7, 8))
     assert channel.norms == (Slice("block.0.mlp.fc1_bn.weight", 0, 7, 8),)
     mlp_site = next(s for s in structure_sites(create_model(SDT)) if s.kind == "mlp")
     assert mlp_site.producers[0].neuron == "block.0.mlp.fc2_lif"  # SDT's neuron sits before fc2
     stem = next(g for g in groups if g.kind == "stem" and g.layer == "patch_embed.proj_conv2" and g.index == 5)
-    assert stem.weights == (Slice("patch_embed.proj_conv2.weight", 0, 5, 6), Slice("patch_embed.proj_conv3.weight", 1, 5, 6))
+    assert stem.weights == (Slice("patch_embed.proj_conv2.weight", 0, 5, 6),
+                            Slice("patch_embed.proj_conv3.weight", 1, 5, 6))
 
 
-def test_sdt_with_mlp_ratio_1_has_no_mlp_structures():
+def test_sdt_with_mlp_ratio_1_has_no_mlp_structures_and_refuses_them_in_one_line():
     # the hidden membrane takes the block's input as a shortcut: its channels are the residual stream's
-    groups = structure_groups(create_model(SDT, mlp_ratio=1))
-    assert {g.kind for g in groups} == {"heads", "stem"}
+    model = create_model(SDT, mlp_ratio=1)
+    assert {g.kind for g in structure_groups(model)} == {"heads", "stem"}
+    check_kinds(model, ("heads", "stem"))
+    with pytest.raises(SpkpruneError, match=r"^--structures mlp: sdt-2-64-digits has no mlp structures; choose from "
+                                            r"heads, stem$"):
+        check_kinds(model, ("heads", "mlp"))
 
 
-def test_qkformer_structures_are_heads_of_both_attentions_and_mlp_channels():
+def test_qkformer_structures_are_heads_of_both_attentions_mlp_and_inner_patch_embedding_channels():
     groups = structure_groups(create_model(QK))
     assert _counts(groups) == {
-        ("heads", "stage1.0.tssa"): 8, ("mlp", "stage1.0.mlp"): 64, ("heads", "stage2.0.tssa"): 8,
+        ("stem", "patch_embed1.proj_conv"): 8, ("stem", "patch_embed2.proj3_conv"): 32,
+        ("stem", "patch_embed3.proj3_conv"): 64, ("heads", "stage1.0.tssa"): 8, ("mlp", "stage1.0.mlp"): 64,
+        ("heads", "stage2.0.tssa"): 8,
         ("mlp", "stage2.0.mlp"): 128, ("heads", "stage3.0.ssa"): 8, ("mlp", "stage3.0.mlp"): 256,
     }
     token_head = next(g for g in groups if g.layer == "stage2.0.tssa" and g.index == 2)  # 32 channels / 8 heads
@@ -91,18 +99,13 @@ def test_qkformer_structures_are_heads_of_both_attentions_and_mlp_channels():
     channel = next(g for g in groups if g.layer == "stage1.0.mlp" and g.index == 63)
     assert channel.weights == (Slice("stage1.0.mlp.mlp1_conv.weight", 0, 63, 64),
                                Slice("stage1.0.mlp.mlp2_conv.weight", 1, 63, 64))
+    tapped = next(g for g in groups if g.layer == "patch_embed1.proj_conv" and g.index == 5)  # the shortcut reads it
+    assert tapped.weights == (Slice("patch_embed1.proj_conv.weight", 0, 5, 6),
+                              Slice("patch_embed1.proj1_conv.weight", 1, 5, 6),
+                              Slice("patch_embed1.proj_res_conv.weight", 1, 5, 6))
     imagenet = structure_groups(create_model("qkformer-10-384-imagenet", img_size=32, depth=4, embed_dim=48))
     assert {g.layer for g in imagenet} >= {"stage3.0.attn", "stage3.0.mlp", "stage2.1.tssa"}
     assert next(g for g in imagenet if g.layer == "stage3.0.mlp").weights[0].key == "stage3.0.mlp.fc1_conv.weight"
-
-
-def test_qkformer_refuses_stem_structures_in_one_line():
-    from spkprune.models.structure_sites import check_kinds
-
-    check_kinds(create_model(QK), ("heads", "mlp"))
-    with pytest.raises(SpkpruneError, match=r"^--structures stem: the qkformer family has no stem structures \(.*\); "
-                                            r"choose from heads, mlp$"):
-        check_kinds(create_model(QK), ("heads", "stem"))
 
 
 # ---------------------------------------------------------------------------------------- the equality
@@ -201,12 +204,16 @@ def test_qkformer_fixture_compacts_with_every_spike_unchanged():
     _remove(masks, model, "stage2.0.tssa", [4], rows=False)
     _remove(masks, model, "stage3.0.ssa", [2])
     _remove(masks, model, "stage2.0.mlp", list(range(40)))
+    _remove(masks, model, "patch_embed1.proj_conv", [1, 2])  # read by proj1_conv and the shortcut's proj_res_conv
+    _remove(masks, model, "patch_embed2.proj3_conv", [0], rows=False)
     masked = _masked(model, masks)
     compaction = compact_checkpoint(masked)
     assert compaction.removed == {"heads": {"stage1.0": [0, 7], "stage2.0": [4], "stage3.0": [2]},
-                                  "mlp": {"stage2.0": list(range(40))}}
+                                  "mlp": {"stage2.0": list(range(40))},
+                                  "stem": {"patch_embed1.proj_conv": [1, 2], "patch_embed2.proj3_conv": [0]}}
     assert compaction.model.config.block_heads == (6, 7, 7)
     assert compaction.model.config.block_mlp_hidden == (64, 88, 256)
+    assert compaction.model.config.stem_channels == (6, 31, 64)
     assert assert_same_spikes(masked, compaction, x) > 0
 
 
@@ -225,10 +232,15 @@ def test_firing_models_compact_exactly_on_every_variant(preset, overrides):
     _remove(masks, model, heads[0].layer, [0])
     _remove(masks, model, heads[-1].layer, [1], rows=False)
     _remove(masks, model, mlps[-1].layer, list(range(5)))
+    stem = [s for s in structure_sites(model) if s.kind == "stem"]
+    for site in stem:  # every stage, QKFormer's shortcut-tapped units included
+        _remove(masks, model, site.layer, [0, 1])
+    _remove(masks, model, stem[-1].layer, [2], rows=False)
     masked = _masked(model, masks)
     compaction = compact_checkpoint(masked)
     assert sum(len(v) for v in compaction.removed["heads"].values()) == 2
     assert sum(len(v) for v in compaction.removed["mlp"].values()) >= 5
+    assert sum(len(v) for v in compaction.removed["stem"].values()) >= 2 * len(stem) + 1
     cfg = model.config
     if cfg.variant == "dvs":
         x = torch.rand(3, cfg.timesteps, cfg.in_channels, cfg.img_size, cfg.img_size)
@@ -278,9 +290,11 @@ def source_store(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         model = create_model(preset, **TINY[preset])
         meta = {"arch": preset, "config": model.config.to_dict(), "selector": None, "train": TRAIN.to_dict()}
-        save_checkpoint(store, name, "init", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-        fit(model, TRAIN, progress=False)
-        save_checkpoint(store, name, "main", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
+        for tag in ("init", "main"):  # main: after one epoch
+            if tag == "main":
+                fit(model, TRAIN, progress=False)
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+            save_checkpoint(store, name, tag, Checkpoint(weights, {}, meta))
     return root
 
 
@@ -292,7 +306,7 @@ def store(source_store, tmp_path) -> Store:
 
 @pytest.mark.parametrize("name, preset, kinds, eligible", [
     ("sdt", SDT, ("heads", "mlp", "stem"), 2 * 8 + 2 * 128 + 4 + 8 + 16),
-    ("qk", QK, ("heads", "mlp"), 3 * 8 + 32 + 64 + 128),
+    ("qk", QK, ("heads", "mlp", "stem"), 3 * 8 + 32 + 64 + 128 + 4 + 16 + 32),
 ])
 def test_one_channel_round_removes_the_exact_count_and_compacts(store, tmp_path, name, preset, kinds, eligible):
     settings = ImpSettings(rounds=1, target=0.5, epochs_per_round=1, granularity="channel")
@@ -336,21 +350,21 @@ def test_the_cli_compacts_a_qkformer_ticket_and_reports_its_widths(store):
                                       "--format", "json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["stem_channels"] is None and doc["mlp_hidden_per_block"] == [32, 64, 128]  # QKFormer: no stem
+    assert doc["stem_channels"] == [4, 16, 32] and doc["mlp_hidden_per_block"] == [32, 64, 128]
     assert sum(doc["heads_per_block"]) == 24 - removal_count(24, 0.3)
     assert doc["bytes_after"] < doc["bytes_before"]
 
 
 def test_widths_round_trip_run_on_the_fast_paths_and_uniform_widths_change_nothing():
     for preset, widths in ((SDT, dict(block_heads=[3, 8], block_mlp_hidden=[5, 256], stem_channels=[3, 7, 20])),
-                           (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9]))):
+                           (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9], stem_channels=[3, 5, 7]))):
         model = spkprune.create_model(preset, **widths)
         stored = json.loads(json.dumps(model.config.to_dict()))
         assert type(model.config).from_dict(stored) == model.config
         spkprune.create_model(preset, **stored).load_state_dict(model.state_dict(), strict=True)
         assert spkprune.get_config(preset).to_dict()["block_heads"] is None
     for preset, widths in ((SDT, dict(block_heads=[3, 8], block_mlp_hidden=[64, 200], stem_channels=[3, 7, 20])),
-                           (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9]))):
+                           (QK, dict(block_heads=[3, 8, 1], block_mlp_hidden=[5, 7, 9], stem_channels=[3, 5, 7]))):
         model = firing(preset, **widths)
         x = torch.rand(2, 1, 8, 8) * 4
         with torch.no_grad():
@@ -364,6 +378,8 @@ def test_widths_round_trip_run_on_the_fast_paths_and_uniform_widths_change_nothi
         spkprune.get_config(QK, block_heads=[1, 2])
     with pytest.raises(SpkpruneError, match="stem_channels must be 3 whole numbers >= 1"):
         spkprune.get_config(SDT, stem_channels=[0, 4, 4])
+    with pytest.raises(SpkpruneError, match="stem_channels must be 4 whole numbers >= 1"):  # DVS: 3 + 1 inner units
+        spkprune.get_config("qkformer-2-256-dvs128", stem_channels=[4, 4, 4])
 
 
 # ------------------------------------------------------------------------------ selectors and counting

@@ -82,13 +82,15 @@ def _kept(removable: torch.Tensor, among: list[int]) -> list[int]:
     return kept or list(among)[:1]
 
 
-def _removable(model: nn.Module, site: Site, inputs: list[int] | None, readers: list[int] | None) -> torch.Tensor:
-    """Bool per unit of `site`: nothing reads it (through the consumers' rows `readers`) or it never fires (with the
-    producers' inputs restricted to `inputs`); None: all of them."""
+def _removable(model: nn.Module, site: Site, inputs: list[int] | None,
+               readers: dict[str, list[int]] | None = None) -> torch.Tensor:
+    """Bool per unit of `site`: nothing reads it (through the rows `readers[consumer]` of each consumer) or it never
+    fires (with the producers' inputs restricted to `inputs`); None: all of them."""
     unread = torch.ones(site.units * site.width, dtype=torch.bool)
     for consumer in site.consumers:
         weight = model.get_submodule(consumer).weight.detach()
-        weight = weight if readers is None else weight[readers]
+        rows = (readers or {}).get(consumer)
+        weight = weight if rows is None else weight[rows]
         unread &= (_by_input(weight) == 0).all(1)
     silent = torch.zeros(site.units, dtype=torch.bool)
     for producer in site.producers:  # a head is silent when all its q, all its k or all its v neurons are
@@ -103,18 +105,19 @@ def _removable(model: nn.Module, site: Site, inputs: list[int] | None, readers: 
 
 def _stem(model: nn.Module, stem: list[Site]) -> list[list[int]]:
     """Kept channels of the chained stem stages, checked again until removing some frees no other: a stage's
-    producer reads only the kept channels of the stage before, its consumer's rows are the next stage's kept ones."""
-    kept = [list(range(site.units)) for site in stem]
+    producer reads only the kept channels of its source stage, and a consumer that is another stage's producer
+    reads through that stage's kept rows only."""
+    kept = {site.layer: list(range(site.units)) for site in stem}
     changed = True
     while changed:
         changed = False
-        for stage, site in enumerate(stem):
-            inputs = kept[stage - 1] if stage > 0 else None
-            readers = kept[stage + 1] if stage + 1 < len(stem) else None
-            still = _kept(_removable(model, site, inputs, readers), kept[stage])
-            changed |= still != kept[stage]
-            kept[stage] = still
-    return kept
+        for site in stem:
+            inputs = kept[site.source] if site.source is not None else None
+            readers = {consumer: kept[consumer] for consumer in site.consumers if consumer in kept}
+            still = _kept(_removable(model, site, inputs, readers), kept[site.layer])
+            changed |= still != kept[site.layer]
+            kept[site.layer] = still
+    return [kept[site.layer] for site in stem]
 
 
 def plan_compaction(model: nn.Module) -> Plan:
@@ -122,6 +125,6 @@ def plan_compaction(model: nn.Module) -> Plan:
     sites = structure_sites(model)
     stem = [site for site in sites if site.kind == "stem"]
     kept_stem = dict(zip(map(id, stem), _stem(model, stem)))
-    kept = [kept_stem[id(site)] if site.kind == "stem" else _kept(_removable(model, site, None, None),
+    kept = [kept_stem[id(site)] if site.kind == "stem" else _kept(_removable(model, site, None),
                                                                       list(range(site.units))) for site in sites]
     return Plan(sites, kept)

@@ -37,21 +37,22 @@ SSA_SCALE = 0.125  # the original's fixed scale, whatever the head width
 class SpikingPatchEmbed(nn.Module):
     """The original `PatchEmbedInit` / `PatchEmbeddingStage`: a main branch of conv-BN-(max-pool)-LIF units plus a
     shortcut branch `proj_res_lif(proj_res_bn(proj_res_conv(s)))`, where s is the spikes of one main unit (or the
-    input); returns the sum of the two branches' spikes, `[T, B, width, H', W']`."""
+    input); returns the sum of the two branches' spikes, `[T, B, width, H', W']`. `units` gives each unit's output
+    channels (the last one's is `width`)."""
 
-    def __init__(self, spec: EmbedSpec, in_channels: int, width: int):
+    def __init__(self, spec: EmbedSpec, in_channels: int, width: int, units: tuple[int, ...] | None = None):
         super().__init__()
         self.spec = spec
+        units = units or tuple(width // unit.width_divisor for unit in spec.units)
         channels = in_channels
-        for unit in spec.units:
-            out = width // unit.width_divisor
+        for unit, out in zip(spec.units, units):
             setattr(self, f"{unit.prefix}_conv", nn.Conv2d(channels, out, 3, 1, 1, bias=False))
             setattr(self, f"{unit.prefix}_bn", nn.BatchNorm2d(out))
             if unit.pool:
                 setattr(self, unit.pool, nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
             setattr(self, f"{unit.prefix}_lif", LIF())
             channels = out
-        tapped = in_channels if spec.shortcut_from is None else width // spec.units[spec.shortcut_from].width_divisor
+        tapped = in_channels if spec.shortcut_from is None else units[spec.shortcut_from]
         self.proj_res_conv = nn.Conv2d(tapped, width, 1, spec.shortcut_stride, 0, bias=False)
         self.proj_res_bn = nn.BatchNorm2d(width)
         self.proj_res_lif = LIF()
@@ -186,8 +187,10 @@ class QKFormer(nn.Module):
         super().__init__()
         self.config = cfg
         self.preset = preset
-        embeds = [SpikingPatchEmbed(FIRST_EMBED[cfg.variant], cfg.in_channels, cfg.stage_dims[0])]
-        embeds += [SpikingPatchEmbed(NEXT_EMBED[cfg.variant], d // 2, d) for d in cfg.stage_dims[1:]]
+        units = cfg.embed_units()
+        embeds = [SpikingPatchEmbed(FIRST_EMBED[cfg.variant], cfg.in_channels, cfg.stage_dims[0], units[0])]
+        later = zip(cfg.stage_dims[1:], units[1:])
+        embeds += [SpikingPatchEmbed(NEXT_EMBED[cfg.variant], d // 2, d, widths) for d, widths in later]
         stages = [nn.ModuleList(self._blocks(cfg, i)) for i in range(len(cfg.stage_dims))]
         embed_names = [(f"patch_embed{i}", embed) for i, embed in enumerate(embeds, 1)]
         stage_names = [(f"stage{i}", blocks) for i, blocks in enumerate(stages, 1)]

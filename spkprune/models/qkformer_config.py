@@ -56,7 +56,8 @@ class QKFormerConfig:
 
     A compacted model records its widths per block, counted over all stages in forward order
     (`spkprune.models.widths`): `block_heads` (each head keeping its stage's width stage_dim / num_heads) and
-    `block_mlp_hidden`; None means the uniform widths of the original."""
+    `block_mlp_hidden`, and `stem_channels`, the outputs of the inner units of every patch embedding (each unit but
+    the last, embeddings in order: `embed_units`); None means the uniform widths of the original."""
 
     img_size: int
     in_channels: int
@@ -70,6 +71,7 @@ class QKFormerConfig:
     dataset: str | None = None
     block_heads: tuple[int, ...] | None = None
     block_mlp_hidden: tuple[int, ...] | None = None
+    stem_channels: tuple[int, ...] | None = None
 
     def __post_init__(self):
         fields = ("img_size", "in_channels", "num_classes", "embed_dim", "num_heads", "depth", "timesteps")
@@ -78,6 +80,8 @@ class QKFormerConfig:
             problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         problems = problems or self._structure_problems()  # the structure's arithmetic needs sane numbers
         problems += width_problems(self, BLOCK_WIDTHS)
+        if not problems:
+            problems += width_problems(self, {"stem_channels": sum(len(units) - 1 for units in self._unit_widths())})
         if problems:
             raise SpkpruneError("invalid QKFormer configuration: " + "; ".join(problems))
 
@@ -123,6 +127,19 @@ class QKFormerConfig:
     def mlp_hidden(self) -> tuple[int, ...]:
         return tuple(int(dim * self.mlp_ratio) for dim in self.stage_dims)
 
+    def _unit_widths(self) -> list[list[int]]:
+        """The original output channels of every unit of every patch embedding, embeddings in order."""
+        specs = [FIRST_EMBED[self.variant]] + [NEXT_EMBED[self.variant]] * (len(self.stage_dims) - 1)
+        return [[dim // unit.width_divisor for unit in spec.units] for spec, dim in zip(specs, self.stage_dims)]
+
+    def embed_units(self) -> list[tuple[int, ...]]:
+        """Output channels of every unit of every patch embedding (the last unit's is the stage width), with the
+        inner units' widths from `stem_channels` where a compacted model records them."""
+        widths = self._unit_widths()
+        inner = iter(self.stem_channels) if self.stem_channels is not None else None
+        return [tuple(next(inner) if inner is not None and i < len(units) - 1 else width
+                      for i, width in enumerate(units)) for units in widths]
+
     def stage_of(self, block: int) -> int:
         """The stage of block `block` (blocks counted over all stages in forward order)."""
         ends = [sum(self.stage_depths[: i + 1]) for i in range(len(self.stage_depths))]
@@ -141,7 +158,7 @@ class QKFormerConfig:
         return width_of(self.block_mlp_hidden, block, self.mlp_hidden[self.stage_of(block)])
 
     def to_dict(self) -> dict:
-        return widths_as_lists(dataclasses.asdict(self), BLOCK_WIDTHS)
+        return widths_as_lists(dataclasses.asdict(self), {**BLOCK_WIDTHS, "stem_channels": None})
 
     @classmethod
     def from_dict(cls, data: dict) -> "QKFormerConfig":

@@ -15,12 +15,10 @@ producer rows) removes it exactly. The kinds:
   before the second conv), and the second layer's input column. SDT with a hidden width equal to the embedding width
   (MLP ratio 1) adds the block's input to the hidden membrane: there the hidden channels belong to the residual
   stream and are no structure.
-- **stem**: one output channel of an inner patch-splitting convolution (Spikformer, SDT), with its BatchNorm entry,
-  neuron and max-pool, and the next convolution's input channel. The last stem convolution's output is the
-  embedding width, never a structure.
-
-QKFormer has no stem structures: its patch embeddings (three layouts, one per original model file) feed an inner
-unit's spikes to a shortcut convolution as well, and their widths are not recorded per stage.
+- **stem**: one output channel of an inner patch-splitting convolution, with its BatchNorm entry, neuron and max-pool,
+  and the input channel of every convolution that reads it: the next convolution (Spikformer, SDT, QKFormer) and,
+  in a QKFormer patch embedding whose shortcut taps that unit, `proj_res_conv`. The last convolution of a stem (of
+  each QKFormer patch embedding) gives the width of the residual stream, never a structure.
 """
 
 from __future__ import annotations
@@ -59,6 +57,7 @@ class Site:
     units: int
     width: int = 1
     unit_tensors: tuple[str, ...] = ()  # state_dict keys indexed by unit along every dimension (SDT's talking_heads)
+    source: str | None = None  # the stem site (its layer) whose channels the producers read; None: the input stream
 
     def channels(self, units: Sequence[int]) -> list[int]:
         """The channels of structures `units`."""
@@ -77,7 +76,9 @@ def _stem_sites(embed: nn.Module, path: str) -> list[Site]:
     for stage, (this, after) in enumerate(zip(suffixes, suffixes[1:])):
         producer = _producer(path, f"proj_conv{this}", f"proj_bn{this}", f"proj_lif{this}")
         units = getattr(embed, f"proj_conv{this}").out_channels
-        sites.append(Site("stem", producer.layer, stage, (producer,), (f"{path}.proj_conv{after}",), units))
+        source = sites[-1].layer if sites else None
+        sites.append(Site("stem", producer.layer, stage, (producer,), (f"{path}.proj_conv{after}",), units,
+                          source=source))
     return sites
 
 
@@ -109,8 +110,24 @@ def _sdt(model: nn.Module) -> list[Site]:
     return sites
 
 
+def _qkformer_stem(model: nn.Module) -> list[Site]:
+    """The inner units of every patch embedding: each unit but the last, read by the next unit and, where the
+    shortcut taps it, by `proj_res_conv`."""
+    sites: list[Site] = []
+    for e, (embed, _) in enumerate(model.stages(), 1):
+        path, units = f"patch_embed{e}", embed.spec.units
+        for u, (unit, after) in enumerate(zip(units, units[1:])):
+            producer = _producer(path, f"{unit.prefix}_conv", f"{unit.prefix}_bn", f"{unit.prefix}_lif")
+            consumers = (f"{path}.{after.prefix}_conv",) + ((f"{path}.proj_res_conv",)
+                                                            if embed.spec.shortcut_from == u else ())
+            width = getattr(embed, f"{unit.prefix}_conv").out_channels
+            source = sites[-1].layer if u > 0 else None
+            sites.append(Site("stem", producer.layer, len(sites), (producer,), consumers, width, source=source))
+    return sites
+
+
 def _qkformer(model: nn.Module) -> list[Site]:
-    sites = []
+    sites = _qkformer_stem(model)
     blocks = [(f"stage{s}.{j}", block) for s, (_, stage) in enumerate(model.stages(), 1) for j, block in
               enumerate(stage)]
     for b, (path, block) in enumerate(blocks):
@@ -128,11 +145,6 @@ def _qkformer(model: nn.Module) -> list[Site]:
 
 
 _SITES: dict[str, Callable[[nn.Module], list[Site]]] = {"spikformer": _spikformer, "sdt": _sdt, "qkformer": _qkformer}
-# Why a family has no structures of a kind (the one line `--structures` gets when it asks for them).
-_ABSENT = {
-    ("qkformer", "stem"): "its patch embeddings feed inner channels to a shortcut convolution too, and record no "
-                          "per-stage widths",
-}
 
 
 def structure_sites(model: nn.Module) -> list[Site]:
@@ -144,13 +156,13 @@ def structure_sites(model: nn.Module) -> list[Site]:
 
 
 def check_kinds(model: nn.Module, kinds: Sequence[str]) -> None:
-    """One line when `kinds` names a structure kind `model`'s family does not have."""
-    family = family_of(model).name
+    """One line when `kinds` names a structure kind `model` does not have (an SDT with MLP ratio 1 has no MLP
+    structures: its hidden channels are the residual stream's)."""
+    have = sorted({site.kind for site in structure_sites(model)}, key=KINDS.index)
     for kind in kinds:
-        if (family, kind) in _ABSENT:
-            have = sorted({site.kind for site in structure_sites(model)}, key=KINDS.index)
-            raise SpkpruneError(f"--structures {kind}: the {family} family has no {kind} structures "
-                                f"({_ABSENT[(family, kind)]}); choose from {', '.join(have)}")
+        if kind not in have:
+            raise SpkpruneError(f"--structures {kind}: {model.name} has no {kind} structures; choose from "
+                                f"{', '.join(have)}")
 
 
 __all__ = ["KINDS", "WIDTH_FIELDS", "Producer", "Site", "check_kinds", "structure_sites"]

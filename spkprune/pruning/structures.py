@@ -14,7 +14,7 @@ producers (with their BatchNorm entries and neurons) and the same input columns 
   its BatchNorm entry, neuron and max-pool, and input channel j of the next convolution. The last convolution's
   output is the embedding width of the residual stream, never a stem structure.
 
-The Spike-driven Transformer and QKFormer have the same kinds (QKFormer no stem), see `structure_sites`.
+The Spike-driven Transformer and QKFormer have the same kinds over their own layers, see `structure_sites`.
 
 A mask set removes a group when every producer row *and* every consumer column it owns is masked (False). The
 consumer columns are what make the removal exact: whatever the group's neurons fire (a bias or a BatchNorm shift can
