@@ -377,6 +377,18 @@ CASES = [
              _sdt_ratio_1_checkpoint),
     BadInput("compact-qkformer-nothing-to-remove", ("compact", "qk", "--name", "c"),
              r"^error: qk@main has nothing to remove: ", _qkformer_checkpoint),
+    # Token skipping (select-tokens --action skip) is training-free, with a weightless scorer.
+    BadInput("select-tokens-skip-learned",
+             ("select-tokens", "net", "--name", "s", "--action", "skip", "--scorer", "learned"),
+             r"^error: --action skip is training-free \(TP-Spikformer's early stopping\): use --scorer firing-rate or "
+             r"random with --epochs 0"),
+    BadInput("select-tokens-skip-epochs", ("select-tokens", "net", "--name", "s", "--action", "skip", "--epochs", "2"),
+             r"^error: --action skip is training-free"),
+    BadInput("select-tokens-unknown-action", ("select-tokens", "net", "--name", "s", "--action", "delete"),
+             r"--action"),
+    BadInput("select-tokens-analyze-sdt", ("select-tokens", "sdt", "--analyze", "--out", "{tmp}/pictures"),
+             r"^error: select-tokens --analyze draws Spikformer models only yet, not the sdt family \(sdt-2-64-digits\)",
+             _sdt_checkpoint),
 ]
 
 

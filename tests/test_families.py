@@ -231,9 +231,10 @@ def test_flops_and_select_tokens_refuse_the_new_families_in_one_line(pipeline):
     before = _tree_digest(root)
     line = _one_error_line(_cli(root, "flops", "report", "s", "--dataset", "digits"))
     assert line.startswith(f"error: flops report does not count the {family} family yet ({DIGITS[family]})")
-    line = _one_error_line(_cli(root, "select-tokens", "st@round-2", "--locations", "1", "--name", "sel"))
-    assert line.startswith(f"error: --locations 1: select-tokens does not work on the {family} family yet: "
-                           f"{DIGITS[family]} has no token axis")
+    line = _one_error_line(_cli(root, "select-tokens", "st@round-2", "--locations", "0", "--name", "sel"))
+    allowed = {"sdt": [1], "qkformer": [2]}[family]  # select-tokens works on both, at these blocks only
+    assert line.startswith(f"error: selector location(s) [0] do not exist in {DIGITS[family]} ({family} family): "
+                           f"choose among {allowed}")
     assert _tree_digest(root) == before
 
 

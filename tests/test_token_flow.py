@@ -64,7 +64,7 @@ def masked_and_gathered(model, images, per_image=False):
     return run("mask"), run("gather")
 
 
-# ---- where selectors may sit ----------------------------------------------------------------------------------------
+# ---- where selectors may sit -------------------------------------------------------------------------------------
 
 
 def test_selector_locations_of_every_family():
@@ -93,7 +93,7 @@ def test_a_refused_location_is_one_line_naming_the_family_and_the_allowed_ones(f
         attach_selectors(create_model("sdt-2-256-cifar10dvs"), {"keep": 0.7, "scorer": "random"})
 
 
-# ---- dropping: masked == gathered, exact counts -----------------------------------------------------------------------
+# ---- dropping: masked == gathered, exact counts ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -154,7 +154,7 @@ def test_the_learned_scorer_trains_on_the_new_families():
         assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), family
 
 
-# ---- skipping (TP-Spikformer) ---------------------------------------------------------------------------------------
+# ---- skipping (TP-Spikformer) ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", list(MODELS))

@@ -16,6 +16,9 @@ Modes (inference only; training always masks because Gumbel decisions keep a dif
 - `mask`: all tokens stay and a `[B, N]` keep mask goes to the blocks, which exclude masked tokens from attention,
   BatchNorm statistics and pooling. Both modes give the same logits in eval mode (tested to 1e-5).
 
+Actions (`spkprune.models.token_flow`, which runs every family's blocks): `drop` (default) removes the tokens not
+kept; `skip` (TP-Spikformer) stops updating them and carries them unchanged to the final pooling over all N tokens.
+
 Gradients for the learned scorer: the model's blocks take a boolean mask, so the straight-through path runs through a
 gate on the tokens, `tokens * (D - D.detach() + 1)`: the forward value is unchanged bit for bit and dL/dD is the
 derivative of the loss with respect to scaling each token (the DynamicViT / reference-code estimator gates the
@@ -31,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spkprune.errors import SpkpruneError
+from spkprune.models.token_flow import dense_block_tokens
 
 SCORERS = ("learned", "firing-rate", "random")
 MODES = ("gather", "mask")
@@ -361,9 +365,8 @@ def tokens_per_block(model: nn.Module) -> list[int]:
     others were dropped or skip the block). `model.block_tokens()`, where a family has it, gives the dense counts
     (QKFormer's stages differ); else every block sees `num_tokens`."""
     selectors = selectors_of(model)
-    dense = model.block_tokens() if hasattr(model, "block_tokens") else [model.num_tokens] * model.config.depth
     counts, current = [], None
-    for block, tokens in enumerate(dense):
+    for block, tokens in enumerate(dense_block_tokens(model)):
         if block in selectors:
             current = selectors[block].k(model.num_tokens)
         counts.append(tokens if current is None else current)

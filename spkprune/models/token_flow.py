@@ -106,6 +106,14 @@ def place(full: Tensor | None, tokens: Tensor, positions: Tensor | None) -> Tens
     return full.scatter(2, positions.view(1, B, K, 1).expand(T, B, K, C), tokens)
 
 
+def dense_block_tokens(model: nn.Module) -> list[int]:
+    """Tokens each block sees without selectors: `model.block_tokens()` where a family has it (QKFormer's stages
+    differ), else `num_tokens` for every block."""
+    if hasattr(model, "block_tokens"):
+        return list(model.block_tokens())
+    return [model.num_tokens] * model.config.depth
+
+
 def mean_over_kept(values: Tensor, keep: Tensor | None) -> Tensor:
     """Mean over the last axis (token positions) of `values` `[T, B, C, N]`, over kept tokens only when `keep`
     `[B, N]` is given."""
@@ -143,6 +151,7 @@ __all__ = [
     "SEQUENCE",
     "TokenLayout",
     "batch_norm_kept",
+    "dense_block_tokens",
     "mean_over_kept",
     "place",
     "run_blocks",

@@ -25,6 +25,7 @@ from spkprune.models.selector import (
     tokens_per_block,
     warm_start_from_firing_rate,
 )
+from spkprune.models.token_flow import dense_block_tokens
 from spkprune.selection.loss import SelectionLoss
 from spkprune.selection.settings import SelectionConfig
 from spkprune.training import TrainConfig, TrainHooks, evaluate, fit
@@ -180,8 +181,8 @@ def _check_masks_intact(state_dict: dict, masks: dict) -> None:
 
 
 def kept_summary(model: nn.Module) -> list[dict]:
-    """One row per block: tokens it sees at inference and the fraction of the original tokens."""
-    counts = tokens_per_block(model)
+    """One row per block: tokens it sees at inference and the fraction of the block's tokens without selectors."""
+    counts, dense = tokens_per_block(model), dense_block_tokens(model)
     selectors = selectors_of(model)
     return [
         {
@@ -189,7 +190,7 @@ def kept_summary(model: nn.Module) -> list[dict]:
             "selector": block in selectors,
             "keep_ratio": selectors[block].keep_ratio if block in selectors else None,
             "tokens": count,
-            "fraction": count / model.num_tokens,
+            "fraction": count / dense[block],
         }
         for block, count in enumerate(counts)
     ]

@@ -11,6 +11,7 @@ import pandas as pd
 from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from spkprune.errors import SpkpruneError
 from spkprune.models import family_of_meta
+from spkprune.models.token_flow import dense_block_tokens
 from spkprune.paths import check_output_folder
 from spkprune.selection.analysis import analysis_model, analyze_tokens, rate_table, sample_images, write_analysis
 from spkprune.selection.finetune import SelectionResult, check_budget, select_tokens
@@ -56,9 +57,9 @@ class SelectTokensOutcome:
 
     def tokens_frame(self) -> pd.DataFrame:
         located = set(self.result.checkpoint.meta["selector"]["locations"])
+        dense = dense_block_tokens(self.result.model)  # the fraction of the block's own tokens (QKFormer's stages)
         return pd.DataFrame([
-            {"block": block, "selector": block in located, "tokens": count,
-             "fraction": count / self.result.model.num_tokens}
+            {"block": block, "selector": block in located, "tokens": count, "fraction": count / dense[block]}
             for block, count in enumerate(self.result.tokens_per_block)
         ])
 
@@ -77,6 +78,8 @@ def run_select_tokens(
         check_budget(settings.selection(), settings.epochs)
     source = load_checkpoint(settings.ref, store)
     check_selectable(source, settings.locations)
+    if settings.analyze:
+        check_analyzable(source)
     if settings.keep_allocation == "sensitivity":
         keep = _allocated_keep(store, settings)
         settings = settings.replace(keep=keep)
@@ -109,6 +112,16 @@ def _allocated_keep(store: Store | None, settings: SelectTokensSettings) -> list
     scan = stored_scan(store, art, "locations", "--keep-allocation sensitivity")
     locations = settings.locations or sorted({int(row["unit"].split()[1]) for row in scan["rows"]})
     return location_keep(scan, settings.keep, locations)
+
+
+def check_analyzable(source: Checkpoint) -> None:
+    """One line, before any work: the pictures read Spikformer's `[T, B, N, C]` blocks only."""
+    family = family_of_meta(source.meta)
+    if family is not None and family.name != "spikformer":
+        raise SpkpruneError(
+            f"select-tokens --analyze draws Spikformer models only yet, not the {family.name} family "
+            f"({source.meta.get('arch') or 'its model'}); drop --analyze"
+        )
 
 
 def _check_name_free(store: Store | None, settings: SelectTokensSettings) -> None:
