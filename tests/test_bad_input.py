@@ -389,6 +389,15 @@ CASES = [
     BadInput("select-tokens-analyze-sdt", ("select-tokens", "sdt", "--analyze", "--out", "{tmp}/pictures"),
              r"^error: select-tokens --analyze draws Spikformer models only yet, not the sdt family \(sdt-2-64-digits\)",
              _sdt_checkpoint),
+    # flops report on the Spike-driven Transformer and QKFormer families.
+    BadInput("flops-keep-without-selector-locations", ("flops", "report", "sdt-2-256-cifar10dvs", "--keep", "0.5"),
+             r"^error: --keep gathers tokens before the selector locations and sdt-2-256-cifar10dvs has none \(dvs_mode"),
+    BadInput("flops-keep-leaves-no-token-in-a-stage", ("flops", "report", "qkformer-3-64-digits", "--keep", "0.1"),
+             r"^error: keep ratio 0.1 before block 2 leaves 0 of 4 tokens$"),
+    BadInput("flops-dataset-another-family-does-not-fit", ("flops", "report", "sdt-2-64-digits", "--dataset", "cifar10"),
+             r"^error: dataset cifar10 \(images 3x32x32\) does not fit sdt-2-64-digits, which expects images 1x8x8"),
+    BadInput("flops-keep-with-data-qkformer",
+             ("flops", "report", "qkformer-3-64-digits", "--keep", "0.5", "--dataset", "digits"), r"what-if without data"),
 ]
 
 

@@ -1,7 +1,8 @@
-"""Operation and energy counts for spiking transformers: dense MACs, nonzero-weight MACs, SOPs and energy per layer
-(conventions in docs/counting.md and ../shared/COUNTING.md)."""
+"""Operation and energy counts for spiking transformers (Spikformer, the Spike-driven Transformer V1, QKFormer): dense
+MACs, nonzero-weight MACs, SOPs and energy per layer (conventions in docs/counting.md and ../shared/COUNTING.md)."""
 
 from spkprune.counting.activity import Activity, LayerActivity, measure_activity
+from spkprune.counting.attention import ATTENTION_KINDS, AttentionKind, AttentionSpec, attention_macs
 from spkprune.counting.report import (
     E_AC_PJ,
     E_MAC_PJ,
@@ -15,10 +16,13 @@ from spkprune.counting.report import (
     weight_density,
     whatif_tokens,
 )
-from spkprune.counting.structure import LayerSpec, Structure, attention_macs, trace_structure
+from spkprune.counting.structure import LayerSpec, Structure, trace_structure
 
 __all__ = [
+    "ATTENTION_KINDS",
     "Activity",
+    "AttentionKind",
+    "AttentionSpec",
     "E_AC_PJ",
     "E_MAC_PJ",
     "LayerActivity",

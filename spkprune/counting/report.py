@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 
 from spkprune.counting.activity import Activity, effective_weight, measure_activity
-from spkprune.counting.structure import LayerSpec, Structure, attention_macs, trace_structure
+from spkprune.counting.attention import attention_macs
+from spkprune.counting.structure import LayerSpec, Structure, trace_structure
 from spkprune.errors import SpkpruneError
-from spkprune.models.selector import cumulative_keep, tokens_kept, tokens_per_block
+from spkprune.models.selector import cumulative_keep, selectors_of, tokens_kept
 
 E_MAC_PJ = 4.6  # Horowitz (ISSCC 2014), 45 nm fp32: mult 3.7 + add 0.9
 E_AC_PJ = 0.9  # fp32 add
@@ -40,38 +41,64 @@ class TokenCounts:
 
 
 # ------------------------------------------------------------------------------------------------ token counts
-def whatif_tokens(model: nn.Module, keep: float | list[float]) -> tuple[list[float], list[int]]:
+def _latest(ratios: dict[int, float], structure: Structure, block: int) -> float | None:
+    """The cumulative keep ratio in force at `block`: the last selector location at or before it among the blocks
+    that share its tokens (a patch embedding between stages needs the whole grid, so it starts over)."""
+    run = [b for b in structure.segment_of(block) if b <= block and b in ratios]
+    return ratios[run[-1]] if run else None
+
+
+def _tokens_at(structure: Structure, block: int, ratio: float | None) -> int:
+    n = structure.traced_tokens[block]
+    return n if ratio is None else tokens_kept(n, ratio)
+
+
+def whatif_tokens(
+    model: nn.Module, keep: float | list[float], structure: Structure | None = None
+) -> tuple[list[float], list[int]]:
     """Cumulative keep ratios and tokens per block if tokens were gathered with `keep` before the selector locations
-    (the model's own selectors, else blocks 1..depth-1): one ratio rho keeps [rho, rho^2, ...] of the N tokens."""
+    (the model's own selectors, else `model.selector_locations()`): one ratio rho keeps [rho, rho^2, ...] of the
+    tokens its blocks see (each block's own count, from the trace: QKFormer's stages differ)."""
+    structure = structure or trace_structure(model)
     locations = sorted(int(k) for k in model.token_selectors) or model.selector_locations()
     if not locations:
-        raise SpkpruneError(f"{model.name} has {model.config.depth} block(s): --keep needs at least 2 blocks")
+        if structure.depth < 2:
+            raise SpkpruneError(f"{model.name} has {structure.depth} block(s): --keep needs at least 2 blocks")
+        rule = getattr(model, "selector_rule", None)
+        raise SpkpruneError(
+            f"--keep gathers tokens before the selector locations and {model.name} has none"
+            + (f" ({rule})" if rule else "")
+        )
     ratios = cumulative_keep(keep if isinstance(keep, (int, float)) else list(keep), locations)
     by_location = dict(zip(locations, ratios))
-    counts, current = [], model.num_tokens
-    for block in range(model.config.depth):
-        if block in by_location:
-            current = tokens_kept(model.num_tokens, by_location[block])
-            if current < 1:
-                raise SpkpruneError(
-                    f"keep ratio {by_location[block]:g} before block {block} leaves 0 of {model.num_tokens} tokens"
-                )
-        counts.append(current)
+    counts = []
+    for block in range(structure.depth):
+        counts.append(_tokens_at(structure, block, _latest(by_location, structure, block)))
+        if block in by_location and counts[-1] < 1:
+            raise SpkpruneError(
+                f"keep ratio {by_location[block]:g} before block {block} leaves 0 of "
+                f"{structure.traced_tokens[block]} tokens"
+            )
     return ratios, counts
 
 
-def configured_tokens(model: nn.Module) -> list[int]:
-    """Tokens per block at inference with the model's own selectors (N everywhere for a dense model)."""
-    return tokens_per_block(model)
+def configured_tokens(model: nn.Module, structure: Structure | None = None) -> list[int]:
+    """Tokens per block at inference with the model's own selectors (each block's traced count for a dense model;
+    `int(n * keep_ratio)` after a selector, n the tokens of the selector's block)."""
+    structure = structure or trace_structure(model)
+    ratios = {block: selector.keep_ratio for block, selector in selectors_of(model).items()}
+    return [_tokens_at(structure, b, _latest(ratios, structure, b)) for b in range(structure.depth)]
 
 
 # ----------------------------------------------------------------------------------------------------- weights
 def weight_density(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> dict[str, float]:
-    """Fraction of nonzero entries of every Conv/Linear weight (after its mask), by state_dict key."""
+    """Fraction of nonzero entries of every Conv/Linear weight (after its mask), by state_dict key (1 for every
+    weight of a model on the meta device)."""
     masks = masks or {}
     state = dict(model.named_parameters())
     return {
-        key: float((effective_weight(w.detach(), masks.get(key)) != 0).sum()) / w.numel()
+        # a weightless model (the meta device) has no values to be zero: every weight counts
+        key: 1.0 if w.is_meta else float((effective_weight(w.detach(), masks.get(key)) != 0).sum()) / w.numel()
         for key, w in state.items()
         if key.endswith(".weight") and w.dim() >= 2
     }
@@ -86,15 +113,18 @@ def parameter_counts(model: nn.Module, density: Mapping[str, float]) -> tuple[in
 
 # -------------------------------------------------------------------------------------------------------- rows
 def _dense_macs(spec: LayerSpec, structure: Structure, tokens: TokenCounts, order: str) -> float:
-    if spec.kind == "attn":
-        traced = structure.traced_tokens[spec.token_block]
-        qk, _ = attention_macs(structure.timesteps, traced, *structure.attention_width(spec.token_block), order)
-        if order == "qk_v":
-            return qk * tokens.mean_sq[spec.token_block] / traced**2
-        return qk * tokens.mean[spec.token_block] / traced
     if spec.token_block is None:
         return float(spec.macs)
-    return spec.macs * tokens.mean[spec.token_block] / structure.traced_tokens[spec.token_block]
+    block = spec.token_block
+    traced = structure.traced_tokens[block]
+    if spec.product is not None and order == "q_kv":  # an SSA product counted in the Q.(K^T.V) order: linear in n
+        attn = structure.attention[block]
+        width = attn.widths["q" if spec.product == "qk" else "v"]
+        qk, av = attention_macs(attn.timesteps, traced, width, attn.heads, order)
+        return (qk if spec.product == "qk" else av) * tokens.mean[block] / traced
+    if spec.token_power == 2:
+        return spec.macs * tokens.mean_sq[block] / traced**2
+    return spec.macs * tokens.mean[block] / traced
 
 
 def _row(
@@ -117,7 +147,7 @@ def _row(
         "kind": spec.kind,
         "block": spec.block,
         "tokens": _number(shown_tokens),
-        "op": "mac" if spec.analog_input or spec.kind == "selector" else "ac",
+        "op": _static_op(spec),
         "weight_sparsity": round(1 - dens, 6) if weighted else None,
         "dense_macs": round(dense),
         "nonzero_macs": round(nonzero),
@@ -130,10 +160,19 @@ def _row(
     return row
 
 
+def _static_op(spec: LayerSpec) -> str:
+    """`mask` for the masks of the linear attentions, `mac` for real-valued inputs known without data, else `ac`."""
+    if spec.op is not None:
+        return spec.op
+    return "mac" if spec.analog_input or spec.kind == "selector" else "ac"
+
+
 def _add_activity(row: dict, spec: LayerSpec, activity: Activity, e_mac: float, e_ac: float) -> None:
+    if spec.op == "mask":  # a select between two spike maps: no accumulate, not priced
+        row["energy_pj"] = 0.0
+        return
     if spec.kind == "attn":
-        index = 0 if spec.name.endswith(".qk") else 1
-        row["sops"] = round(activity.attention[spec.token_block][index] / activity.images)
+        row["sops"] = round(activity.attention[spec.name] / activity.images)
     else:
         stats = activity.layers[spec.name]
         image_input = spec.analog_input and spec.kind == "conv"  # pixels, not a rate
@@ -192,7 +231,7 @@ def count_operations(
     structure = structure or trace_structure(model)
     density = weight_density(model, masks)
     ratios = None
-    activity = measure_activity(model, batches, masks) if batches is not None else None
+    activity = measure_activity(model, batches, masks, structure) if batches is not None else None
     if activity is not None:
         if activity.images == 0:
             raise SpkpruneError("the data gave no images to measure: check --dataset / --batches")
@@ -201,10 +240,10 @@ def count_operations(
             [activity.mean_tokens(b) for b in range(depth)], [activity.mean_tokens_sq(b) for b in range(depth)]
         )
     elif keep is not None:
-        ratios, counts = whatif_tokens(model, keep)
+        ratios, counts = whatif_tokens(model, keep, structure)
         tokens = TokenCounts.fixed(counts)
     else:
-        tokens = TokenCounts.fixed(configured_tokens(model))
+        tokens = TokenCounts.fixed(configured_tokens(model, structure))
     rows = [_row(s, structure, tokens, density, activity, attention_order, e_mac, e_ac) for s in structure.layers]
     used, nonzero_params = parameter_counts(model, density)
     return {
@@ -216,6 +255,7 @@ def count_operations(
         "timesteps": structure.timesteps,
         "num_tokens": structure.num_tokens,
         "tokens_per_block": [_number(n) for n in tokens.mean],
+        "blocks": structure.blocks,
         "keep": ratios,
         "selectors": structure.selector_locations,
         "attention_order": attention_order,
@@ -256,7 +296,8 @@ def lif_updates(structure: Structure, tokens: TokenCounts) -> float:
 
 # ------------------------------------------------------------------------------------------------- aggregation
 def rows_by_block(rows: list[dict]) -> list[dict]:
-    """Rows summed per block (sps, block.0, ..., selector.i, head), in forward order."""
+    """Rows summed per block (sps, block.0, ..., selector.i, head; QKFormer: patch_embed1, stage1.0, ...), in forward
+    order. A group's tokens are the most its rows see (a patch embedding's output positions at full resolution)."""
     blocks: dict[str, dict] = {}
     for row in rows:
         agg = blocks.setdefault(
@@ -266,8 +307,8 @@ def rows_by_block(rows: list[dict]) -> list[dict]:
         for name in SUM_FIELDS:  # None (not measured, or not an AC layer) adds nothing; all None stays None
             if row[name] is not None:
                 agg[name] = (agg[name] or 0) + row[name]
-    if blocks and next(iter(blocks.values()))["block"] == "sps":
-        blocks["sps"]["tokens"] = max(r["tokens"] for r in rows if r["block"] == "sps")
+    for name, agg in blocks.items():
+        agg["tokens"] = max(r["tokens"] for r in rows if r["block"] == name)
     return list(blocks.values())
 
 

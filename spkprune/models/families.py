@@ -148,9 +148,9 @@ FAMILIES: dict[str, Family] = {
         Family("spikformer", "Spikformer", "ZK-Zhou/spikformer", Spikformer, SpikformerConfig, PRESETS,
                spikformer_config, counted=True, token_selection=True, channel_structures=True),
         Family("sdt", "Spike-driven Transformer (V1)", "BICLab/Spike-Driven-Transformer", SpikeDrivenTransformer,
-               SDTConfig, SDT_PRESETS, get_sdt_config, token_selection=True, channel_structures=True),
+               SDTConfig, SDT_PRESETS, get_sdt_config, counted=True, token_selection=True, channel_structures=True),
         Family("qkformer", "QKFormer", "zhouchenlin2096/QKFormer", QKFormer, QKFormerConfig, QKFORMER_PRESETS,
-               get_qkformer_config, token_selection=True, channel_structures=True),
+               get_qkformer_config, counted=True, token_selection=True, channel_structures=True),
     )
 }
 
