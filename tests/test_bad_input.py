@@ -386,9 +386,6 @@ CASES = [
              r"^error: --action skip is training-free"),
     BadInput("select-tokens-unknown-action", ("select-tokens", "net", "--name", "s", "--action", "delete"),
              r"--action"),
-    BadInput("select-tokens-analyze-sdt", ("select-tokens", "sdt", "--analyze", "--out", "{tmp}/pictures"),
-             r"^error: select-tokens --analyze draws Spikformer models only yet, not the sdt family \(sdt-2-64-digits\)",
-             _sdt_checkpoint),
     # flops report on the Spike-driven Transformer and QKFormer families.
     BadInput("flops-keep-without-selector-locations", ("flops", "report", "sdt-2-256-cifar10dvs", "--keep", "0.5"),
              r"^error: --keep gathers tokens before the selector locations and sdt-2-256-cifar10dvs has none \(dvs_mode"),

@@ -124,3 +124,14 @@ def test_skipped_tokens_do_no_work_in_the_counted_macs(store):
         macs[name] = report["totals"]["dense_macs"]
         assert report["tokens_per_block"] == ([16, 16, 16] if name == "spikformer" else [16, 8, 4])
     assert macs["sp-skip2"] == macs["sp-drop"] < macs["spikformer"]
+
+
+@pytest.mark.parametrize("family, grid", [("sdt", 4), ("qkformer", 2)])
+def test_the_firing_rate_analysis_draws_the_new_families(store, family, grid, tmp_path):
+    result = cli(store, "select-tokens", family, "--analyze", "--keep", "0.5", "--out", str(tmp_path / "pictures"))
+    assert result.exit_code == 0, result.output
+    names = {"kept_tokens.png", "token_rates.png", "rate_summary.png", "kept_vs_dropped.csv"}
+    assert names <= {p.name for p in (tmp_path / "pictures").iterdir()}
+    table = (tmp_path / "pictures" / "kept_vs_dropped.csv").read_text().splitlines()
+    assert table[0].startswith("block,") and len(table) == 3  # two selectors
+    assert float(table[1].split(",")[2]) == grid * grid  # tokens in: the selectors' grid

@@ -29,7 +29,7 @@ from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.qkformer_config import FIRST_EMBED, NEXT_EMBED, ConvUnit, EmbedSpec, QKFormerConfig
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
-from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_blocks, token_mask
+from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_token_blocks, token_mask
 
 SSA_SCALE = 0.125  # the original's fixed scale, whatever the head width
 
@@ -257,6 +257,12 @@ class QKFormer(nn.Module):
         """Every LIF, by its original module path, in module order."""
         return lif_sites(self)
 
+    token_layout = MAPS  # blocks pass `[T, B, C, g, g]` maps whose g*g positions are the tokens
+
+    def token_blocks(self) -> list[tuple[int, nn.Module]]:
+        """The blocks that work on the selectors' tokens, by index (numbered across stages): the last stage's."""
+        return list(enumerate(self.stages()[-1][1], sum(self.config.stage_depths[:-1])))
+
     def block_tokens(self) -> list[int]:
         """Tokens each block sees in the dense model (its stage's grid positions), blocks numbered across stages."""
         cfg = self.config
@@ -287,14 +293,12 @@ class QKFormer(nn.Module):
     def forward_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps `[T,B,D,g,g]` (`[T,B,D,K,1]` when a
         selector gathered K tokens) and the keep mask the pooling applies (`spkprune.models.token_flow`)."""
-        *early, (last_embed, last_blocks) = self.stages()
+        *early, (last_embed, _) = self.stages()
         for embed, blocks in early:
             x = embed(x)
             for block in blocks:
                 x = block(x)
-        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
-        first = sum(self.config.stage_depths[:-1])
-        return run_blocks(last_embed(x), enumerate(last_blocks, first), selectors, MAPS)
+        return run_token_blocks(self, last_embed(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The `[T,B,C,H,W]` input sequence -> the last block's spike-sum maps (`forward_blocks` without the mask)."""

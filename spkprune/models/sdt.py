@@ -32,7 +32,7 @@ from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.spikformer import check_state_dict
-from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_blocks, token_mask
+from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_token_blocks, token_mask
 from spkprune.models.widths import BLOCK_WIDTHS, STEM_WIDTHS, width_of, width_problems, widths_as_lists
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
@@ -343,6 +343,12 @@ class SpikeDrivenTransformer(nn.Module):
         """Every LIF that fires, by its original module path, in module order."""
         return lif_sites(self)
 
+    token_layout = MAPS  # blocks pass `[T, B, C, H, W]` maps whose H*W positions are the tokens
+
+    def token_blocks(self) -> list[tuple[int, nn.Module]]:
+        """The blocks that work on the selectors' tokens, by index: all of them."""
+        return list(enumerate(self.block))
+
     def selector_locations(self) -> list[int]:
         """Blocks before which a token selector may sit: every block but the first. The blocks' convs are 1x1 and
         their attention works on the flattened H*W positions, so a selector may gather K of them (a `[.., K, 1]`
@@ -371,8 +377,7 @@ class SpikeDrivenTransformer(nn.Module):
     def forward_blocks(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`[T,B,C,H,W]` input sequence -> the last block's membrane maps `[T,B,D,H',W']` (`[T,B,D,K,1]` when a
         selector gathered K tokens) and the keep mask the pooling applies (`spkprune.models.token_flow`)."""
-        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
-        return run_blocks(self.patch_embed(sequence), enumerate(self.block), selectors, MAPS)
+        return run_token_blocks(self, self.patch_embed(sequence))
 
     def forward_features(self, sequence: torch.Tensor) -> torch.Tensor:
         """`[T,B,C,H,W]` input sequence -> the last block's membrane maps (`forward_blocks` without the mask)."""

@@ -20,7 +20,7 @@ from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max
 from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
 from spkprune.models.packing import packing_active, register_small_integers, register_spikes
 from spkprune.models.presets import SpikformerConfig
-from spkprune.models.token_flow import SEQUENCE, run_blocks
+from spkprune.models.token_flow import SEQUENCE, run_token_blocks
 
 _STAGE_SUFFIXES = ("", "1", "2", "3")
 
@@ -317,6 +317,12 @@ class Spikformer(nn.Module):
         """Every LIF by its original module path, in forward order."""
         return lif_sites(self)
 
+    token_layout = SEQUENCE  # blocks pass `[T, B, N, C]` token lists (spkprune.models.token_flow)
+
+    def token_blocks(self) -> list[tuple[int, nn.Module]]:
+        """The blocks that work on the selectors' tokens, by index: all of them."""
+        return list(enumerate(self.block))
+
     def selector_locations(self) -> list[int]:
         """Blocks before which a token selector may sit (block 0 always sees every token)."""
         return list(range(1, self.config.depth))
@@ -349,8 +355,7 @@ class Spikformer(nn.Module):
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the blocks (and any token selectors) on `[T, B, N, C]` tokens; returns tokens and the keep mask the
         pooling applies (`spkprune.models.token_flow`)."""
-        selectors = {int(key): selector for key, selector in self.token_selectors.items()}
-        return run_blocks(tokens, enumerate(self.block), selectors, SEQUENCE)
+        return run_token_blocks(self, tokens)
 
     def pool(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Mean over (kept) tokens, then over time: `[T, B, N, C]` -> `[B, C]`."""

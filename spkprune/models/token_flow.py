@@ -97,6 +97,12 @@ def run_blocks(
     return x, None
 
 
+def run_token_blocks(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """`run_blocks` over `model.token_blocks()` with `model.token_selectors`, in `model.token_layout`."""
+    selectors = {int(key): selector for key, selector in model.token_selectors.items()}
+    return run_blocks(x, model.token_blocks(), selectors, model.token_layout)
+
+
 def place(full: Tensor | None, tokens: Tensor, positions: Tensor | None) -> Tensor:
     """`full` `[T, B, N, C]` with `tokens` `[T, B, K, C]` written at their original `positions` `[B, K]`
     (out of place); all N tokens in order when `positions` is None."""
@@ -155,5 +161,6 @@ __all__ = [
     "mean_over_kept",
     "place",
     "run_blocks",
+    "run_token_blocks",
     "token_mask",
 ]

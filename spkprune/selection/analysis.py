@@ -8,6 +8,7 @@ tokens it kept. `rate_table` compares kept and dropped tokens; `plot_*` draw the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,12 @@ def analyze_tokens(model: nn.Module, images: torch.Tensor, batch_size: int = 256
     was_training = model.training
     model.eval()
     set_selector_mode(model, "mask")
-    rates: dict[int, list] = {i: [] for i in range(len(model.block))}
+    blocks = model.token_blocks()  # the ones working on the selectors' tokens (QKFormer: its last stage)
+    rates: dict[int, list] = {i: [] for i, _ in blocks}
     kept: dict[int, list] = {loc: [] for loc in selectors}
     present: dict[int, list] = {loc: [] for loc in selectors}
     selector_rates: dict[int, list] = {loc: [] for loc in selectors}
-    handles = [_block_hook(block, rates[i]) for i, block in enumerate(model.block)]
+    handles = [_block_hook(block, rates[i], model.token_layout.to_tokens) for i, block in blocks]
     handles += [_selector_hook(s, kept[loc], present[loc], selector_rates[loc]) for loc, s in selectors.items()]
     device = next(model.parameters()).device
     try:
@@ -63,7 +65,7 @@ def analyze_tokens(model: nn.Module, images: torch.Tensor, batch_size: int = 256
         model.train(was_training)
     cat = lambda parts: {k: torch.cat(v).cpu() for k, v in parts.items()}  # noqa: E731
     return TokenAnalysis(
-        images.cpu(), cat(rates), cat(kept), cat(present), cat(selector_rates), model.config.grid_size,
+        images.cpu(), cat(rates), cat(kept), cat(present), cat(selector_rates), math.isqrt(model.num_tokens),
         {loc: s.keep_ratio for loc, s in selectors.items()},
     )
 
@@ -72,9 +74,9 @@ def _token_rate(tokens: torch.Tensor) -> torch.Tensor:  # [T, B, N, C] -> [B, N]
     return tokens.float().mean(dim=(0, 3))
 
 
-def _block_hook(block: nn.Module, sink: list):
+def _block_hook(block: nn.Module, sink: list, to_tokens):
     def hook(_module, args):
-        tokens = args[0]
+        tokens = to_tokens(args[0])  # the family's layout -> [T, B, N, C]
         keep = args[1] if len(args) > 1 else None
         rate = _token_rate(tokens)
         if keep is not None:

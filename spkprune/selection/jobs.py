@@ -78,8 +78,6 @@ def run_select_tokens(
         check_budget(settings.selection(), settings.epochs)
     source = load_checkpoint(settings.ref, store)
     check_selectable(source, settings.locations)
-    if settings.analyze:
-        check_analyzable(source)
     if settings.keep_allocation == "sensitivity":
         keep = _allocated_keep(store, settings)
         settings = settings.replace(keep=keep)
@@ -112,16 +110,6 @@ def _allocated_keep(store: Store | None, settings: SelectTokensSettings) -> list
     scan = stored_scan(store, art, "locations", "--keep-allocation sensitivity")
     locations = settings.locations or sorted({int(row["unit"].split()[1]) for row in scan["rows"]})
     return location_keep(scan, settings.keep, locations)
-
-
-def check_analyzable(source: Checkpoint) -> None:
-    """One line, before any work: the pictures read Spikformer's `[T, B, N, C]` blocks only."""
-    family = family_of_meta(source.meta)
-    if family is not None and family.name != "spikformer":
-        raise SpkpruneError(
-            f"select-tokens --analyze draws Spikformer models only yet, not the {family.name} family "
-            f"({source.meta.get('arch') or 'its model'}); drop --analyze"
-        )
 
 
 def _check_name_free(store: Store | None, settings: SelectTokensSettings) -> None:
