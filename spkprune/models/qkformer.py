@@ -277,9 +277,10 @@ class QKFormer(nn.Module):
 
     @property
     def selector_rule(self) -> str:
-        first = sum(self.config.stage_depths[:-1])
-        return (f"selectors sit only in the last stage (blocks {first}..{self.config.depth - 1}), after the last "
-                "patch embedding: the 3x3 patch-embedding convs between stages need the full token grid")
+        first, depth = sum(self.config.stage_depths[:-1]), self.config.depth
+        blocks = f"blocks {first}..{depth - 1}" if first < depth else "which has no block here"
+        return (f"selectors sit only in the last stage ({blocks}), after the last patch embedding: the 3x3 "
+                "patch-embedding convs between stages need the full token grid")
 
     def used_parameter_count(self) -> int:
         """All parameters: the original creates none that forward leaves unused."""
