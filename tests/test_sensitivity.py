@@ -208,6 +208,7 @@ def test_imp_allocation_reaches_the_global_count_and_spares_the_sensitive_layer(
     alike = [key for key in eligible if key != sensitive and masks[key].numel() == masks[sensitive].numel()]
     assert len(alike) == 3 and all(sparsity[sensitive] < sparsity[key] for key in alike)  # the other MLP layers
     assert pruning.describe(masks)["allocation"]["layer_sparsity"][sensitive] == sparsity[sensitive]
+    assert set(pruning.describe({})["allocation"]["layer_sparsity"].values()) == {0.0}  # round 0: nothing pruned
 
 
 def test_imp_allocation_without_a_scan_says_what_to_run(store):
@@ -222,3 +223,27 @@ def test_the_allocation_keeps_the_run_identity_of_a_uniform_run():
     assert ImpSettings(allocation="sensitivity").to_dict()["allocation"] == "sensitivity"
     with pytest.raises(SpkpruneError, match="applies with granularity weight and scope global"):
         ImpSettings(allocation="sensitivity", scope="layerwise")
+
+
+@pytest.mark.slow
+def test_imp_with_the_allocation_end_to_end(tmp_path, one_thread):
+    store = Store.open(tmp_path / "store")
+    torch.manual_seed(0)
+    model = create_model(DIGITS)
+    train = TrainConfig(epochs=1, limit_train_batches=2, warmup_epochs=0).to_dict()
+    meta = {"arch": DIGITS, "config": model.config.to_dict(), "selector": None, "train": train}
+    for tag in ("init", "main"):
+        save_checkpoint(store, "dense", tag, Checkpoint(model.state_dict(), {}, meta))
+    run = lambda *args: CliRunner().invoke(app, ["--store", str(store.root), *args])
+    assert run("sensitivity", "dense", "--ratios", "0.5,0.9", "--samples", "32").exit_code == 0
+    result = run("imp", "dense", "--name", "t", "--rounds", "2", "--target", "0.8", "--allocation", "sensitivity",
+                 "--no-progress", "--format", "json")
+    assert result.exit_code == 0, result.output
+    eligible = list(model.prunable_weights())
+    total = sum(model.prunable_weights()[key].numel() for key in eligible)
+    for k, level in ((1, M.sparsity_schedule(2, target=0.8)[0]), (2, 0.8)):
+        ckpt = load_artifact(store, store.resolve(f"t@round-{k}"))
+        assert M.count_pruned(ckpt.masks) == M.pruned_count(total, level)
+        allocation = ckpt.meta["imp"]["allocation"]
+        assert allocation["scan"] == "dense@sensitivity-layers" and set(allocation["layer_sparsity"]) == set(eligible)
+    assert store.resolve("t@round-2").meta["imp"]["settings"]["allocation"] == "sensitivity"

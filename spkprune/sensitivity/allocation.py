@@ -113,7 +113,8 @@ def non_decreasing(counts: Sequence[int]) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------- the stored scan
 def scan_tag(tag: str, over: str) -> str:
-    """Where the scan of NAME@TAG over `over` is stored: NAME@sensitivity-OVER (TAG main) or NAME@TAG.sensitivity-OVER."""
+    """Where the scan of NAME@TAG over `over` is stored: NAME@sensitivity-OVER (TAG main), else
+    NAME@TAG.sensitivity-OVER."""
     return f"sensitivity-{over}" if tag == "main" else f"{tag}.sensitivity-{over}"
 
 

@@ -1,13 +1,14 @@
 """`spkprune sensitivity` as a library call: settings in, the scan stored beside the checkpoint and its report out.
 
 The scan is stored as its own artifact, `NAME@sensitivity-OVER` (`NAME@TAG.sensitivity-OVER` for another tag than
-main; kind `sensitivity`, no tensors, the scan in `meta["sensitivity"]`), written once at the end like any artifact
-(temporary file, fsync, rename, index): the checkpoint itself is never rewritten, so its checksum (which an IMP run
-records as its source) stays the same. A new scan over the same units replaces the old one.
+main; kind `sensitivity`, no tensors, the scan in `meta["sensitivity"]` and in the file header), written once at the
+end like any artifact (temporary file, fsync, rename, index): the checkpoint itself is never rewritten, so its
+checksum (which an IMP run records as its source) stays the same. A new scan over the same units replaces the old one.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from torch.utils.data import Subset
@@ -53,8 +54,8 @@ def run_sensitivity(store: Store | None, settings: SensitivitySettings, *,
         "base_top1": base, "chance": 1.0 / model.config.num_classes, "rows": rows,
     }
     tag = scan_tag(art.tag, settings.over)
-    store.put(art.name, tag, {}, {"format": "spkprune.sensitivity"}, {"sensitivity": scan}, kind="sensitivity",
-              parent=art.ref, replace=True)
+    header = {"format": "spkprune.sensitivity", "format_version": "1", "sensitivity": json.dumps(scan, sort_keys=True)}
+    store.put(art.name, tag, {}, header, {"sensitivity": scan}, kind="sensitivity", parent=art.ref, replace=True)
     report = SensitivityReport(scan, format_ref(art.name, tag))
     target = settings.plot or store.root / "plots" / f"{art.name}-{tag}.png"
     report.plot = plot_sensitivity(report, target)
