@@ -20,7 +20,7 @@ from spkprune.pruning.settings import ImpSettings
 from spkprune.pruning.structures import structure_groups
 from spkprune.sensitivity.allocation import Curve, allocate, location_keep, non_decreasing, predicted_drop
 from spkprune.sensitivity.jobs import run_sensitivity
-from spkprune.sensitivity.scan import LayerProbes, StructureProbes
+from spkprune.sensitivity.scan import LayerProbes, LocationProbes, StructureProbes
 from spkprune.sensitivity.settings import SensitivitySettings
 from spkprune.store import Store
 from spkprune.training import TrainConfig
@@ -247,3 +247,21 @@ def test_imp_with_the_allocation_end_to_end(tmp_path, one_thread):
         allocation = ckpt.meta["imp"]["allocation"]
         assert allocation["scan"] == "dense@sensitivity-layers" and set(allocation["layer_sparsity"]) == set(eligible)
     assert store.resolve("t@round-2").meta["imp"]["settings"]["allocation"] == "sensitivity"
+
+
+@pytest.mark.parametrize("preset", ["sdt-2-64-digits", "qkformer-3-64-digits"])
+def test_structure_and_location_probes_work_on_the_other_families(preset, one_thread):
+    torch.manual_seed(0)
+    model = create_model(preset).eval()
+    state_dict = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    structures = StructureProbes(model, state_dict, M.full_masks(state_dict, model.prunable_weights()))
+    heads = next(unit for unit in structures.units() if unit.name.startswith("heads"))
+    assert structures.apply(model, heads, 0.5) == heads.size // 2
+    structures.restore(model)
+    locations = LocationProbes(model, state_dict)
+    assert [unit.name for unit in locations.units()] == [f"block {b}" for b in model.selector_locations()]
+    unit = locations.units()[0]
+    assert locations.apply(model, unit, 0.5) == unit.size - int(unit.size * 0.5)
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    locations.restore(model)
+    assert not len(model.token_selectors)
