@@ -246,7 +246,12 @@ def test_imp_with_the_allocation_end_to_end(tmp_path, one_thread):
         assert M.count_pruned(ckpt.masks) == M.pruned_count(total, level)
         allocation = ckpt.meta["imp"]["allocation"]
         assert allocation["scan"] == "dense@sensitivity-layers" and set(allocation["layer_sparsity"]) == set(eligible)
-    assert store.resolve("t@round-2").meta["imp"]["settings"]["allocation"] == "sensitivity"
+    settings = store.resolve("t@round-2").meta["imp"]["settings"]
+    assert settings["allocation"] == "sensitivity"
+    assert settings["allocation_scan_sha256"] == store.resolve("dense@sensitivity-layers").sha256
+    assert run("sensitivity", "dense", "--ratios", "0.5,0.8", "--samples", "32").exit_code == 0  # another scan
+    again = run("imp", "dense", "--name", "t", "--rounds", "2", "--target", "0.8", "--allocation", "sensitivity")
+    assert again.exit_code == 2 and "allocation_scan_sha256: stored" in again.output
 
 
 @pytest.mark.parametrize("preset", ["sdt-2-64-digits", "qkformer-3-64-digits"])

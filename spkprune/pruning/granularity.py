@@ -18,7 +18,14 @@ from spkprune.pruning import masks as M
 from spkprune.pruning.settings import ImpSettings
 from spkprune.pruning.structured import check_reachable, random_structured_masks, structured_masks
 from spkprune.pruning.structures import Group, eligible_groups, is_removed, removed_structures
-from spkprune.sensitivity.allocation import Curve, allocate, curves_of, predicted_drop, scan_ref, stored_scan
+from spkprune.sensitivity.allocation import (
+    Curve,
+    allocate,
+    curves_of,
+    predicted_drop,
+    scan_ref,
+    stored_scan,
+)
 from spkprune.store import Artifact, Store
 
 Masks = dict[str, torch.Tensor]
@@ -56,6 +63,10 @@ class WeightPruning:
         """The random-prune control: random masks with the ticket's per-tensor counts."""
         return M.random_masks_like(ticket, seed)
 
+    def identity(self) -> dict:
+        """What the strategy adds to the run's identity beyond the settings (nothing, unless it reads a scan)."""
+        return {}
+
     def describe(self, masks: Mapping[str, torch.Tensor]) -> dict:
         """What a round's `meta["imp"]` says about its masks (and the structures they remove whole, if any)."""
         removed = removed_structures(self.structures, masks)
@@ -86,6 +97,9 @@ class ChannelPruning:
         """The random-prune control: random structures, as many per layer as the ticket removes, on `base`."""
         return random_structured_masks(self.groups, base, ticket, seed)
 
+    def identity(self) -> dict:
+        return {}
+
     def describe(self, masks: Mapping[str, torch.Tensor]) -> dict:
         return {
             "granularity": "channel",
@@ -109,6 +123,10 @@ class AllocatedPruning(WeightPruning):
 
     curves: dict[str, Curve]  # per eligible key, from the scan
     scan: str  # where the scan is stored
+    scan_sha256: str  # which scan: a run resumed after the scan was replaced would prune by other counts
+
+    def identity(self) -> dict:
+        return {"allocation_scan_sha256": self.scan_sha256}
 
     def check(self, base: Mapping[str, torch.Tensor], levels: Sequence[float]) -> None:
         already = M.count_pruned({key: base[key] for key in self.eligible})
@@ -150,8 +168,9 @@ def pruning_strategy(settings: ImpSettings, structures: Sequence[Group], eligibl
     """The strategy `settings` choose, over the `eligible` weights of a model with `structures` (`store` and
     `source`: where the sensitivity scan of `--allocation sensitivity` is)."""
     if settings.allocation == "sensitivity":
-        return AllocatedPruning(eligible, settings.scope, structures, layer_curves(store, source, eligible),
-                                scan_ref(source, "layers"))
+        curves = layer_curves(store, source, eligible)  # one line when there is no scan
+        scan = store.resolve(scan_ref(source, "layers"))
+        return AllocatedPruning(eligible, settings.scope, structures, curves, scan.ref, scan.sha256)
     if settings.granularity == "weight":
         return WeightPruning(eligible, settings.scope, structures)
     chosen = [group for group in structures if group.kind in settings.structures]

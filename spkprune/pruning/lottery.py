@@ -48,6 +48,7 @@ class Lottery:
         if settings.granularity == "channel":
             require(family_of_meta(src.ckpt.meta), "channel_structures", "imp --granularity channel")
         self.pruning = pruning_strategy(settings, src.structures, src.eligible, store, src.art)
+        self.identity.update(self.pruning.identity())
         self.pruning.check(src.base_masks, self.levels)  # a level it cannot reach is refused before any work
 
     # ---- naming ----------------------------------------------------------------------------------------------
