@@ -143,3 +143,13 @@ def test_cli_one_shot_is_one_round_and_reads_back(store):
     assert again.exit_code == 0 and json.loads(again.stdout)["nothing_to_do"] is True
     shown = CliRunner().invoke(app, ["--store", str(store.root), "evaluate", "os@round-1", "--format", "json"])
     assert shown.exit_code == 0, shown.output
+
+
+def test_channel_granularity_and_the_random_prune_control_work_one_shot(store):
+    settings = ImpSettings(one_shot=True, target=0.5, granularity="channel", structures=("mlp",))
+    report = run_imp(store, "src", "st", settings, control="random-prune", progress=False)
+    assert [(r.round, r.kind) for r in report.rows] == [(0, "ticket"), (1, "ticket"), (1, "random-prune")]
+    ticket, control = store.resolve("st@round-1").meta["imp"], store.resolve("st@random-prune-round-1").meta["imp"]
+    assert ticket["structures_pruned"] == ticket["structures_eligible"] // 2 == control["structures_pruned"]
+    assert ticket["mask_sha256"] != control["mask_sha256"]
+    assert control["rewind"] == "st@round-0"  # the random structures go from the source's own weights too
