@@ -44,3 +44,20 @@ def why_unwritable(path: Path) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK) or str(ancestor.resolve()).startswith(("/proc", "/sys")):
         return f"cannot write in {str(ancestor)!r} (permission denied)"
     return None
+
+
+def save_png(figure, path: str | os.PathLike, **savefig) -> Path:
+    """Write a matplotlib `figure` to `path` as PNG through a temporary file renamed into place (a reader never sees
+    half a picture), then close it; returns the path."""
+    import matplotlib.pyplot as plt  # only the plotting commands need matplotlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(figure)}.tmp")
+    try:
+        figure.savefig(tmp, format="png", **savefig)
+        tmp.replace(path)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spkprune.paths import save_png
 from spkprune.store import Artifact
 
 
@@ -95,11 +96,7 @@ def plot_imp(report: ImpReport, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{id(fig)}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)
 
 
 def describe(report: ImpReport) -> dict:

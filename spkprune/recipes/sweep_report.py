@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from spkprune.errors import SpkpruneError
+from spkprune.paths import save_png
 from spkprune.recipes.recipe import Recipe
 from spkprune.recipes.record import RunRecord
 from spkprune.recipes.stages import tokens_text
@@ -145,9 +146,7 @@ def draw_plots(frame: pd.DataFrame, recipe: SweepRecipe, out: Path) -> list[Path
         if figure is None:
             continue
         path = out / f"{recipe.name}-{draw.__name__.strip('_').replace('_', '-')}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        drawn.append(path)
+        drawn.append(save_png(figure, path, dpi=120, bbox_inches="tight"))
     return drawn
 
 

@@ -21,6 +21,7 @@ from spkprune.checkpoint import build_model
 from spkprune.data import get_dataset
 from spkprune.errors import SpkpruneError
 from spkprune.models.selector import attach_selectors, selectors_of, set_selector_mode
+from spkprune.paths import save_png
 
 
 @dataclass
@@ -189,7 +190,7 @@ def plot_token_rates(analysis: TokenAnalysis, path: str | Path, num_images: int 
         ax.set_yticks([])
     fig.suptitle("token firing rate (mean over time and channels); grey = dropped", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def plot_kept_tokens(analysis: TokenAnalysis, path: str | Path, num_images: int = 6) -> Path:
@@ -217,7 +218,7 @@ def plot_kept_tokens(analysis: TokenAnalysis, path: str | Path, num_images: int 
         ax.set_yticks([])
     fig.suptitle("kept tokens (dark = dropped)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path, dpi=110)
 
 
 def plot_rate_summary(analysis: TokenAnalysis, path: str | Path) -> Path:
@@ -246,18 +247,7 @@ def plot_rate_summary(analysis: TokenAnalysis, path: str | Path) -> Path:
             ax.set_visible(False)
     fig.suptitle(f"over {len(analysis.images)} images", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def write_analysis(analysis: TokenAnalysis, out_dir: str | Path, prefix: str = "", num_images: int = 6) -> dict:

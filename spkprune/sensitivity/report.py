@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from spkprune.paths import save_png
+
 COLUMNS = ["unit", "size", "ratio", "pruned", "sparsity", "top1", "drop"]
 
 
@@ -61,8 +63,4 @@ def plot_sensitivity(report: SensitivityReport, path: str | Path) -> Path:
     ax.set_title(f"{scan['source']}: top-1 drop (points) vs {100 * scan['base_top1']:.1f}%", fontsize=9)
     fig.colorbar(image, ax=ax, label="top-1 drop (points)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{id(fig)}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)
