@@ -27,10 +27,10 @@ from spkprune.pruning import rewind as rewind_mod
 from spkprune.pruning.imp import ImpSettings, run_imp
 from spkprune.store import Store
 from spkprune.training import TrainConfig, TrainHooks, fit
+from storekit import TRAIN, copied_store, snapshot, trained_source
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(timesteps=2, embed_dim=32, num_heads=2)
-TRAIN = TrainConfig(epochs=1, batch_size=256, eval_batch_size=512, warmup_epochs=0, eval_every=0, lr=5e-3, seed=3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,30 +42,13 @@ def _tiny_meta(model) -> dict:
 
 @pytest.fixture(scope="module")
 def source_store(tmp_path_factory) -> Path:
-    """A store with `src@init`, `src@epoch-1` and `src` (trained one epoch, with its training configuration)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("imp") / "store"
-    store = Store.open(root)
-    torch.manual_seed(0)
-    model = create_model("spikformer-2-64-digits", **TINY)
-    meta = {**_tiny_meta(model), "train": TRAIN.to_dict()}
-    save_checkpoint(store, "src", "init", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-    fit(model, TRAIN, progress=False)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    save_checkpoint(store, "src", "epoch-1", Checkpoint(weights, {}, meta))
-    save_checkpoint(store, "src", "main", Checkpoint(weights, {}, meta))
-    return root
+    """`src@init`, `src@epoch-1` and `src` (trained one epoch, with its training configuration)."""
+    return trained_source(tmp_path_factory.mktemp("imp") / "store", TINY, tags=("epoch-1", "main"))
 
 
 @pytest.fixture
 def store(source_store, tmp_path) -> Store:
-    root = tmp_path / "store"
-    shutil.copytree(source_store, root)
-    return Store.open(root)
-
-
-def _snapshot(store: Store) -> list[tuple[str, str]]:
-    return [(a.ref, a.sha256) for a in store.list()]
+    return copied_store(source_store, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- library
@@ -98,9 +81,9 @@ def test_rounds_reach_the_target_exactly_with_lineage_and_are_skipped_on_rerun(s
     assert not [a for a in store.list("t") if "epoch" in a.tag]  # resume states are cleaned up
     assert report.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    before = _snapshot(store)
+    before = snapshot(store)
     again = run_imp(store, "src", "t", settings, progress=False)
-    assert again.nothing_to_do and _snapshot(store) == before
+    assert again.nothing_to_do and snapshot(store) == before
     assert [r.top1 for r in again.rows] == [r.top1 for r in report.rows]
 
 
@@ -213,10 +196,10 @@ def test_early_time_ticket_searches_at_fewer_timesteps(store):
 
 def test_other_settings_under_the_same_name_are_refused(store):
     run_imp(store, "src", "t", ImpSettings(rounds=1, target=0.5, epochs_per_round=1), progress=False)
-    before = _snapshot(store)
+    before = snapshot(store)
     with pytest.raises(Exception, match="other settings.*target"):
         run_imp(store, "src", "t", ImpSettings(rounds=1, target=0.6, epochs_per_round=1), progress=False)
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -243,13 +226,13 @@ def _no_train_config(store: Store) -> None:
 )
 def test_bad_input_is_one_line_exit_2_and_the_store_is_unchanged(store, args, message):
     _no_train_config(store)
-    before = _snapshot(store)
+    before = snapshot(store)
     result = CliRunner().invoke(app, ["--store", str(store.root), "imp", *args, "--name", "t", "--epochs-per-round", "1"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert pytest.importorskip("re").search(message, lines[0]), lines[0]
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
     assert not (store.root / "plots").exists()
 
 

@@ -7,53 +7,36 @@ The source is a tiny digits Spikformer (32 channels, T=2, one epoch at batch 256
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
+from spkprune.checkpoint import Checkpoint, build_model, load_checkpoint
 from spkprune.cli import app
 from spkprune.data import get_dataset, make_loader
 from spkprune.models import create_model
 from spkprune.pruning import masks as M
 from spkprune.pruning.imp import ImpSettings, run_imp
 from spkprune.store import Store
-from spkprune.training import TrainConfig, evaluate, fit
+from spkprune.training import evaluate
 from spkprune.training.recalibrate import batchnorms, recalibrate_batchnorm
+from storekit import TRAIN, copied_store, snapshot, trained_source
 
 TINY = dict(timesteps=2, embed_dim=32, num_heads=2)
-TRAIN = TrainConfig(epochs=1, batch_size=256, eval_batch_size=512, warmup_epochs=0, eval_every=0, lr=5e-3, seed=3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def source_store(tmp_path_factory) -> Path:
-    """A store with `src@init` and `src` (trained one epoch, with its training configuration)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("oneshot") / "store"
-    store = Store.open(root)
-    torch.manual_seed(0)
-    model = create_model("spikformer-2-64-digits", **TINY)
-    meta = {"arch": model.preset, "config": model.config.to_dict(), "selector": None, "train": TRAIN.to_dict()}
-    save_checkpoint(store, "src", "init", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-    fit(model, TRAIN, progress=False)
-    save_checkpoint(store, "src", "main", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-    return root
+    return trained_source(tmp_path_factory.mktemp("oneshot") / "store", TINY)
 
 
 @pytest.fixture
 def store(source_store, tmp_path) -> Store:
-    root = tmp_path / "store"
-    shutil.copytree(source_store, root)
-    return Store.open(root)
-
-
-def _snapshot(store: Store) -> list[tuple[str, str]]:
-    return [(a.ref, a.sha256) for a in store.list()]
+    return copied_store(source_store, tmp_path)
 
 
 def _is_bn_statistic(key: str) -> bool:
@@ -100,12 +83,12 @@ def test_one_shot_prunes_exactly_keeps_the_dense_weights_and_recalibrates_batchn
     test = get_dataset("digits", "test", timesteps=2, augment=False)
     assert art.meta["metrics"]["top1"] == pytest.approx(evaluate(model, test, 512, record_firing=False)["top1"])
 
-    before = _snapshot(store)
+    before = snapshot(store)
     again = run_imp(store, "src", "os", ImpSettings(one_shot=True, target=0.5, recalibrate_batches=2), progress=False)
-    assert again.nothing_to_do and _snapshot(store) == before
+    assert again.nothing_to_do and snapshot(store) == before
     with pytest.raises(Exception, match="other settings.*recalibrate_batches"):
         run_imp(store, "src", "os", ImpSettings(one_shot=True, target=0.5), progress=False)
-    assert _snapshot(store) == before
+    assert snapshot(store) == before
 
 
 def test_without_recalibration_the_round_is_the_masked_source(store):

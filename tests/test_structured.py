@@ -8,14 +8,13 @@ The IMP runs use a tiny digits Spikformer (32 channels, 4 heads, T=2, one epoch 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from spkprune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from spkprune.checkpoint import load_checkpoint
 from spkprune.cli import app
 from spkprune.errors import SpkpruneError
 from spkprune.models import create_model
@@ -33,11 +32,9 @@ from spkprune.pruning.structures import (
     structure_groups,
 )
 from spkprune.store import Store
-from spkprune.training import TrainConfig, fit
+from storekit import DIGITS, copied_store, trained_source
 
-DIGITS = "spikformer-2-64-digits"
 TINY = dict(timesteps=2, embed_dim=32, num_heads=4)
-TRAIN = TrainConfig(epochs=1, batch_size=256, eval_batch_size=512, warmup_epochs=0, eval_every=0, lr=5e-3, seed=3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -229,23 +226,12 @@ def test_the_identity_of_weight_runs_is_the_one_older_stores_recorded():
 # ---------------------------------------------------------------------------------------------- IMP runs
 @pytest.fixture(scope="module")
 def source_store(tmp_path_factory) -> Path:
-    """A store with `src@init` and `src` (trained one epoch, with its training configuration)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("structured") / "store"
-    store = Store.open(root)
-    torch.manual_seed(0)
-    model = create_model(DIGITS, **TINY)
-    meta = {"arch": model.preset, "config": model.config.to_dict(), "selector": None, "train": TRAIN.to_dict()}
-    save_checkpoint(store, "src", "init", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-    fit(model, TRAIN, progress=False)
-    save_checkpoint(store, "src", "main", Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta))
-    return root
+    return trained_source(tmp_path_factory.mktemp("structured") / "store", TINY)
 
 
 @pytest.fixture
 def store(source_store, tmp_path) -> Store:
-    shutil.copytree(source_store, tmp_path / "store")
-    return Store.open(tmp_path / "store")
+    return copied_store(source_store, tmp_path)
 
 
 def _snapshot(store: Store) -> list[tuple[str, str]]:
