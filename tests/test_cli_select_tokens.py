@@ -14,6 +14,7 @@ from spkprune.cli import app
 from spkprune.models import create_model
 from spkprune.checkpoint import build_model
 from spkprune.store import Store
+from firekit import amplified
 
 ARCH = "spikformer-2-64-digits"
 
@@ -28,10 +29,7 @@ def tiny_checkpoint() -> Checkpoint:
 
     torch.manual_seed(0)
     model = create_model(ARCH, embed_dim=16, num_heads=2, timesteps=2, depth=3)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            torch.nn.init.uniform_(module.weight, 1.0, 3.0)
-            module.running_var.fill_(0.05)  # untrained convolutions give small outputs: amplify them
+    amplified(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     key = "block.0.mlp.fc1_linear.weight"
     mask = torch.ones_like(state[key], dtype=torch.bool)

@@ -4,7 +4,6 @@ every family: stored, reloaded, evaluated and counted like the other selectors."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from spkprune.models import create_model
 from spkprune.models.selector import selector_config, tokens_per_block
 from spkprune.store import Store
 from spkprune.training import TrainConfig
+from firekit import amplified
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,10 +33,7 @@ def tiny_checkpoint(family: str) -> Checkpoint:
     preset, overrides = TINY[family]
     torch.manual_seed(0)
     model = create_model(preset, **overrides)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            torch.nn.init.uniform_(module.weight, 1.0, 3.0)
-            module.running_var.fill_(0.05)  # untrained convolutions give small outputs: amplify them
+    amplified(model)
     train = TrainConfig.for_dataset("digits", batch_size=256, eval_batch_size=512, seed=1).to_dict()
     meta = {"arch": preset, "config": model.config.to_dict(), "selector": None, "train": train, "seed": 1}
     return Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, {}, meta)

@@ -20,23 +20,12 @@ from spkprune.models.selector import (
     tokens_kept,
     tokens_per_block,
 )
+from firekit import lively
 
 SCORERS = ("learned", "firing-rate", "random")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def lively(model, images):
-    """Random weights barely spike; wider BatchNorm gains and running stats from one batch make every layer fire."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-            torch.nn.init.uniform_(module.weight, 1.0, 3.0)
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
 
 
 def digits_model(scorer="learned", keep=0.7, seed=0, **config):

@@ -16,6 +16,7 @@ from spkprune.models.selector import (
     set_selector_mode,
     tokens_per_block,
 )
+from firekit import lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,18 +28,6 @@ MODELS = {
     "sdt": ("sdt-2-64-digits", {"depth": 3, "embed_dim": 32, "num_heads": 4}, 8),
     "qkformer": ("qkformer-3-64-digits", {"depth": 4, "embed_dim": 32, "num_heads": 4, "img_size": 16}, 16),
 }
-
-
-def lively(model, images):
-    """Random weights barely spike; wider BatchNorm gains and running stats from one batch make every layer fire."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-            torch.nn.init.uniform_(module.weight, 1.0, 3.0)
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
 
 
 def images_for(family, n=12, seed=1):
