@@ -66,6 +66,14 @@ def test_selector_locations_of_every_family():
     assert tokens_per_block(model) == [256, 64, 8, 4]
 
 
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_learned_selector_adds_no_prunable_weight(family):
+    bare = set(model_of(family).prunable_weights())
+    selected = model_of(family, {"keep": 0.5, "scorer": "learned"})
+    assert any(key.startswith("token_selectors.") for key in selected.state_dict())
+    assert set(selected.prunable_weights()) == bare
+
+
 @pytest.mark.parametrize("family, locations, message", [
     ("qkformer", [1], r"^selector location\(s\) \[1\] do not exist in qkformer-3-64-digits \(qkformer family\): "
                       r"choose among \[2, 3\] \(selectors sit only in the last stage \(blocks 2\.\.3\), after the last "

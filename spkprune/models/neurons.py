@@ -91,3 +91,14 @@ class LIF(neuron.LIFNode):
 def lif_sites(module: torch.nn.Module) -> dict[str, LIF]:
     """Every LIF below `module`, by module path."""
     return {name: m for name, m in module.named_modules() if isinstance(m, LIF)}
+
+
+def layer_weights(model: torch.nn.Module, unused: tuple[str, ...] = ()) -> dict[str, torch.nn.Parameter]:
+    """Conv (1-D and 2-D) and linear weights by state_dict key, the weights pruning works on: never biases, norms,
+    embeddings, token-selector weights (`token_selectors.*`), nor modules whose name ends in one of `unused`."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    return {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, layers) and not name.startswith("token_selectors") and not name.endswith(unused)
+    }

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from spkprune.models.inputs import time_major
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, layer_weights, lif_sites
 from spkprune.models.qkformer_config import FIRST_EMBED, NEXT_EMBED, ConvUnit, EmbedSpec, QKFormerConfig
 from spkprune.models.sdt import unflatten_time
 from spkprune.models.spikformer import check_state_dict
@@ -249,9 +249,8 @@ class QKFormer(nn.Module):
         return self.config.embed_dim
 
     def prunable_weights(self) -> dict[str, nn.Parameter]:
-        """Conv (1-D and 2-D) and linear weights by state_dict key; all of them take part in forward."""
-        layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
-        return {f"{name}.weight": m.weight for name, m in self.named_modules() if isinstance(m, layers)}
+        """Conv (1-D and 2-D) and linear weights by state_dict key (all take part in forward); no selector weights."""
+        return layer_weights(self)
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF, by its original module path, in module order."""

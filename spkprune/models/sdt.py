@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.inputs import time_major
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, layer_weights, lif_sites
 from spkprune.models.spikformer import check_state_dict
 from spkprune.models.token_flow import MAPS, batch_norm_kept, mean_over_kept, run_token_blocks, token_mask
 from spkprune.models.widths import BLOCK_WIDTHS, STEM_WIDTHS, width_of, width_problems, widths_as_lists
@@ -332,12 +332,7 @@ class SpikeDrivenTransformer(nn.Module):
 
     def prunable_weights(self) -> dict[str, nn.Parameter]:
         """Conv and linear weights by state_dict key, `talking_heads` excepted (the original never calls it)."""
-        layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
-        return {
-            f"{name}.weight": module.weight
-            for name, module in self.named_modules()
-            if isinstance(module, layers) and not name.endswith("talking_heads")
-        }
+        return layer_weights(self, unused=("talking_heads",))
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF that fires, by its original module path, in module order."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from spkprune.errors import SpkpruneError
 from spkprune.models.fused import batch_norm_lif, can_fuse, can_pool_spikes, max_pool_spikes
-from spkprune.models.neurons import ATTN_THRESHOLD, LIF, lif_sites
+from spkprune.models.neurons import ATTN_THRESHOLD, LIF, layer_weights, lif_sites
 from spkprune.models.packing import packing_active, register_small_integers, register_spikes
 from spkprune.models.presets import SpikformerConfig
 from spkprune.models.token_flow import SEQUENCE, run_token_blocks
@@ -306,12 +306,7 @@ class Spikformer(nn.Module):
 
     def prunable_weights(self) -> dict[str, nn.Parameter]:
         """Conv and linear weights by state_dict key; never biases, norms, `pos_embed` or token-selector weights."""
-        layers = (nn.Linear, nn.Conv1d, nn.Conv2d)
-        return {
-            f"{name}.weight": module.weight
-            for name, module in self.named_modules()
-            if isinstance(module, layers) and not name.startswith("token_selectors")
-        }
+        return layer_weights(self)
 
     def neuron_sites(self) -> dict[str, LIF]:
         """Every LIF by its original module path, in forward order."""
