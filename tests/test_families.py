@@ -29,8 +29,8 @@ from spkprune.models import (
     list_models,
     model_from_config,
 )
-from spkprune.models.qkformer_presets import list_qkformer_models
-from spkprune.models.sdt_presets import list_sdt_models
+from spkprune.models.qkformer_presets import QKFORMER_PRESETS
+from spkprune.models.sdt_presets import SDT_PRESETS
 from spkprune.store import Store
 
 torch.set_num_threads(1)
@@ -67,8 +67,8 @@ def _checkpoint(model) -> Checkpoint:
 
 def test_three_families_and_their_presets_in_one_list():
     assert list(FAMILIES) == ["spikformer", "sdt", "qkformer"]
-    assert list_models(family="sdt") == list_sdt_models()
-    assert list_models(family="qkformer") == list_qkformer_models()
+    assert list_models(family="sdt") == sorted(SDT_PRESETS)
+    assert list_models(family="qkformer") == sorted(QKFORMER_PRESETS)
     assert list_models() == sorted(sum((f.list() for f in FAMILIES.values()), []))
     assert set(DIGITS.values()) <= set(list_models("*digits*"))
     assert all(name.startswith(family.name + "-") for family in FAMILIES.values() for name in family.presets)
@@ -266,7 +266,7 @@ def test_list_models_shows_every_family_and_preset():
     table = CliRunner().invoke(app, ["list-models", "*digits*"])
     assert table.exit_code == 0 and "qkformer-3-64-digits" in table.stdout and "140,162" in table.stdout
     doc = json.loads(CliRunner().invoke(app, ["list-models", "--family", "qkformer", "--format", "json"]).stdout)
-    assert {r["family"] for r in doc} == {"qkformer"} and len(doc) == len(list_qkformer_models())
+    assert {r["family"] for r in doc} == {"qkformer"} and len(doc) == len(QKFORMER_PRESETS)
 
 
 def test_list_models_bad_input_is_one_line(tmp_path):

@@ -12,13 +12,8 @@ from safetensors.torch import load_file
 import fixturekit
 from spkprune.errors import SpkpruneError
 from spkprune.models.qkformer import QKFormer, QKFormerConfig, SpikingSelfAttention
-from spkprune.models.qkformer_presets import (
-    QKFORMER_PRESETS,
-    create_qkformer,
-    get_qkformer_config,
-    list_qkformer_models,
-    original_kwargs,
-)
+from spkprune.models import create_model, get_config, list_models
+from spkprune.models.qkformer_presets import QKFORMER_PRESETS, original_kwargs
 
 FIXTURES = fixturekit.ROOT / "qkformer-small"
 GOLDEN = FIXTURES / "golden_small.safetensors"
@@ -40,7 +35,7 @@ def fixture_keys() -> list[tuple[str, list[int]]]:
 
 @pytest.fixture(scope="module")
 def golden_model() -> QKFormer:
-    model = create_qkformer("qkformer-4-384-cifar10", **SMALL)
+    model = create_model("qkformer-4-384-cifar10", **SMALL)
     model.load_state_dict(golden_state_dict(), strict=True)
     return model.eval()
 
@@ -49,7 +44,7 @@ def test_fixture_constructor_is_the_small_cifar_configuration():
     with safe_open(GOLDEN, "pt") as f:
         metadata = f.metadata()
     assert metadata == {"family": "qkformer", "constructor": str(dict(embed_dims=64, num_heads=8, depths=3, T=2))}
-    cfg = get_qkformer_config("qkformer-4-384-cifar10", **SMALL)
+    cfg = get_config("qkformer-4-384-cifar10", **SMALL)
     expected = dict(img_size_h=32, img_size_w=32, patch_size=4, in_channels=3, num_classes=10, embed_dims=64,
                     num_heads=8, mlp_ratios=4, qkv_bias=False, depths=3, sr_ratios=1, T=2)  # the README's
     assert original_kwargs(cfg) == expected
@@ -68,7 +63,7 @@ def test_strict_load_rejects_a_foreign_state_dict_with_one_clear_error():
     state.pop("head.bias")
     state["stage1.0.tssa.q_conv.weight"] = torch.zeros(16, 16, 1, 1)  # a Conv2d's shape where the original has Conv1d
     with pytest.raises(SpkpruneError, match="mismatched shapes.*missing keys"):
-        create_qkformer("qkformer-4-384-cifar10", **SMALL).load_state_dict(state, strict=True)
+        create_model("qkformer-4-384-cifar10", **SMALL).load_state_dict(state, strict=True)
 
 
 def test_every_spike_and_the_logits_equal_the_original_code(golden_model):
@@ -140,28 +135,28 @@ PARAMETER_COUNTS = {
 
 
 def test_every_preset_has_a_parameter_count():
-    assert sorted(PARAMETER_COUNTS) == list_qkformer_models()
+    assert sorted(PARAMETER_COUNTS) == list_models(family="qkformer")
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
 def test_parameter_counts_match_the_original(name):
     with torch.device("meta"):  # shapes only: the big presets build in a fraction of a second
-        model = create_qkformer(name)
+        model = create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name]
     assert model.used_parameter_count() == PARAMETER_COUNTS[name]  # the original creates no unused parameter
 
 
 def test_presets_follow_the_original_files():
-    cifar = get_qkformer_config("qkformer-4-384-cifar10")
+    cifar = get_config("qkformer-4-384-cifar10")
     assert cifar == QKFormerConfig(32, 3, 10, 384, 8, 4, 4, 4, "cifar", "cifar10")
     assert cifar.stage_tokens == (1024, 256, 64) and cifar.stage_depths == (1, 1, 2)
-    dvs, gesture = get_qkformer_config("qkformer-2-256-cifar10dvs"), get_qkformer_config("qkformer-2-256-dvs128")
+    dvs, gesture = get_config("qkformer-2-256-cifar10dvs"), get_config("qkformer-2-256-dvs128")
     assert (dvs.img_size, dvs.in_channels, dvs.timesteps, dvs.num_heads, dvs.mlp_ratio) == (128, 2, 16, 16, 1)
     assert (gesture.num_classes, gesture.mlp_ratio, gesture.stage_tokens) == (11, 4, (256, 64))
-    heads = {name: get_qkformer_config(name).num_heads for name in list_qkformer_models("*imagenet*")}
+    heads = {name: get_config(name).num_heads for name in list_models("*imagenet*", family="qkformer")}
     assert heads == {"qkformer-10-384-imagenet": 6, "qkformer-10-512-imagenet": 8, "qkformer-10-768-imagenet": 12}
     for name in heads:
-        cfg = get_qkformer_config(name)
+        cfg = get_config(name)
         layout = (cfg.img_size, cfg.timesteps, cfg.stage_depths, cfg.stage_tokens)
         assert layout == (224, 4, (1, 2, 7), (3136, 784, 196)), name
 
@@ -169,7 +164,7 @@ def test_presets_follow_the_original_files():
 def test_imagenet_layout_matches_the_16m_training_log():
     # Shapes and names as imagenet/logs/QKFormer_16M.txt prints the model.
     with torch.device("meta"):
-        state = create_qkformer("qkformer-10-384-imagenet").state_dict()
+        state = create_model("qkformer-10-384-imagenet").state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes["patch_embed1.proj_conv.weight"] == (48, 3, 3, 3)
     assert shapes["patch_embed1.proj2_conv.weight"] == (96, 96, 3, 3)
@@ -184,7 +179,7 @@ def test_imagenet_layout_matches_the_16m_training_log():
 
 def test_dvs_layout_orders_the_state_dict_stage_by_stage():
     with torch.device("meta"):
-        model = create_qkformer("qkformer-2-256-cifar10dvs")
+        model = create_model("qkformer-2-256-cifar10dvs")
     state = model.state_dict()
     assert list(dict.fromkeys(k.split(".")[0] for k in state)) == ["patch_embed1", "stage1", "patch_embed2", "stage2",
                                                                   "head"]
@@ -195,7 +190,7 @@ def test_dvs_layout_orders_the_state_dict_stage_by_stage():
 
 
 def test_digits_preset_runs_on_8x8_digits():
-    model = create_qkformer("qkformer-3-64-digits").eval()
+    model = create_model("qkformer-3-64-digits").eval()
     assert model.stage_tokens == (64, 16, 4) and model.num_tokens == 4 and model.token_dim == 64
     with torch.no_grad():
         logits = model(torch.rand(5, 1, 8, 8))
@@ -203,7 +198,7 @@ def test_digits_preset_runs_on_8x8_digits():
 
 
 def test_event_frames_keep_their_time_steps():
-    model = create_qkformer("qkformer-2-256-dvs128", embed_dim=64, img_size=32)
+    model = create_model("qkformer-2-256-dvs128", embed_dim=64, img_size=32)
     site = model.neuron_sites()["stage1.0.tssa.attn_lif"]
     site.record = True
     frames = (torch.rand(2, 3, 2, 32, 32) < 0.3).float()
@@ -215,13 +210,13 @@ def test_event_frames_keep_their_time_steps():
 
 
 def test_input_of_the_wrong_shape_is_refused_with_the_expected_shape():
-    model = create_qkformer("qkformer-3-64-digits")
+    model = create_model("qkformer-3-64-digits")
     with pytest.raises(SpkpruneError, match=r"expects images \[B,1,8,8\]"):
         model(torch.rand(2, 3, 8, 8))
 
 
 def test_prunable_weights_are_every_conv_and_linear_weight():
-    model = create_qkformer("qkformer-3-64-digits")
+    model = create_model("qkformer-3-64-digits")
     prunable = model.prunable_weights()
     # 3 + 3 + 3 embedding convs; q k proj + 2 MLP per token block (x2); q k v proj + 2 MLP; head
     assert len(prunable) == 9 + 2 * 5 + 6 + 1
@@ -232,7 +227,7 @@ def test_prunable_weights_are_every_conv_and_linear_weight():
 
 
 def test_neuron_sites_have_the_original_settings():
-    sites = create_qkformer("qkformer-3-64-digits").neuron_sites()
+    sites = create_model("qkformer-3-64-digits").neuron_sites()
     assert len(sites) == 9 + 2 * 6 + 7  # 3 per embedding; q k attn proj + 2 MLP per token block; + v
     assert {n for n, s in sites.items() if s.v_threshold == 0.5} == {n for n in sites if n.endswith("attn_lif")}
     assert all(s.v_threshold == 1.0 for n, s in sites.items() if not n.endswith("attn_lif"))
@@ -241,21 +236,21 @@ def test_neuron_sites_have_the_original_settings():
 
 def test_config_errors_name_the_problem():
     with pytest.raises(SpkpruneError, match="variant"):
-        get_qkformer_config("qkformer-3-64-digits", variant="swin")
+        get_config("qkformer-3-64-digits", variant="swin")
     with pytest.raises(SpkpruneError, match="depth 4 does not fit the dvs stages"):
-        get_qkformer_config("qkformer-2-256-dvs128", depth=4)
+        get_config("qkformer-2-256-dvs128", depth=4)
     with pytest.raises(SpkpruneError, match="depth 2 does not fit the imagenet stages"):
-        get_qkformer_config("qkformer-10-384-imagenet", depth=2)
+        get_config("qkformer-10-384-imagenet", depth=2)
     with pytest.raises(SpkpruneError, match="img_size 120 must be divisible by 16"):
-        get_qkformer_config("qkformer-2-256-dvs128", img_size=120)
+        get_config("qkformer-2-256-dvs128", img_size=120)
     with pytest.raises(SpkpruneError, match="embed_dim 200 must be divisible by 16"):
-        get_qkformer_config("qkformer-2-256-dvs128", embed_dim=200)
+        get_config("qkformer-2-256-dvs128", embed_dim=200)
     with pytest.raises(SpkpruneError, match="not divisible by num_heads 12"):
-        get_qkformer_config("qkformer-3-64-digits", num_heads=12)
+        get_config("qkformer-3-64-digits", num_heads=12)
     with pytest.raises(SpkpruneError, match="unknown option"):
-        get_qkformer_config("qkformer-3-64-digits", depths=3)
-    with pytest.raises(SpkpruneError, match="unknown QKFormer preset"):
-        create_qkformer("qkformer-8-512-cifar10")
+        get_config("qkformer-3-64-digits", depths=3)
+    with pytest.raises(SpkpruneError, match="unknown preset 'qkformer-8-512-cifar10'"):
+        create_model("qkformer-8-512-cifar10")
 
 
 def test_config_round_trips_through_a_dict():

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import fixturekit
 from spkprune.errors import SpkpruneError
 from spkprune.models.sdt import SDTConfig, SpikeDrivenTransformer
-from spkprune.models.sdt_presets import SDT_PRESETS, create_sdt, get_sdt_config, list_sdt_models
+from spkprune.models import create_model, get_config, list_models
+from spkprune.models.sdt_presets import SDT_PRESETS
 
 FIXTURES = fixturekit.ROOT / "sdt-small"
 GOLDEN = FIXTURES / "golden_small.safetensors"
@@ -34,7 +35,7 @@ def fixture_keys() -> list[tuple[str, list[int]]]:
 
 @pytest.fixture(scope="module")
 def golden_model() -> SpikeDrivenTransformer:
-    model = create_sdt("sdt-2-512-cifar10", **SMALL)
+    model = create_model("sdt-2-512-cifar10", **SMALL)
     model.load_state_dict(golden_state_dict(), strict=True)
     return model.eval()
 
@@ -42,7 +43,7 @@ def golden_model() -> SpikeDrivenTransformer:
 def test_fixture_constructor_is_the_small_cifar_configuration():
     with safe_open(GOLDEN, "pt") as f:
         assert f.metadata()["constructor"] == "{'embed_dims': 64, 'num_heads': 8, 'depths': 1, 'T': 2}"
-    cfg = get_sdt_config("sdt-2-512-cifar10", **SMALL)
+    cfg = get_config("sdt-2-512-cifar10", **SMALL)
     assert cfg.original_kwargs()["pooling_stat"] == "0011" and cfg.num_heads == 8 and cfg.num_tokens == 64
 
 
@@ -59,7 +60,7 @@ def test_strict_load_rejects_a_foreign_state_dict_with_one_clear_error():
     state.pop("head.bias")
     state["block.0.attn.q_conv.weight"] = torch.zeros(64, 64)
     with pytest.raises(SpkpruneError, match="mismatched shapes.*missing keys"):
-        create_sdt("sdt-2-512-cifar10", **SMALL).load_state_dict(state, strict=True)
+        create_model("sdt-2-512-cifar10", **SMALL).load_state_dict(state, strict=True)
 
 
 def test_every_spike_and_the_logits_equal_the_original_code(golden_model):
@@ -121,33 +122,33 @@ PARAMETER_COUNTS = {
 
 
 def test_every_preset_has_a_parameter_count():
-    assert sorted(PARAMETER_COUNTS) == list_sdt_models()
+    assert sorted(PARAMETER_COUNTS) == list_models(family="sdt")
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
 def test_parameter_counts_match_the_original(name):
     with torch.device("meta"):  # shapes only: the big presets build in a fraction of a second
-        model = create_sdt(name)
+        model = create_model(name)
     all_params, used = PARAMETER_COUNTS[name]
     assert sum(p.numel() for p in model.parameters()) == all_params
     assert model.used_parameter_count() == used
 
 
 def test_presets_follow_the_original_conf_files():
-    assert get_sdt_config("sdt-2-512-cifar10") == SDTConfig(32, 3, 10, 512, 8, 2, 4, "0011", dataset="cifar10")
-    dvs = get_sdt_config("sdt-2-256-cifar10dvs")
+    assert get_config("sdt-2-512-cifar10") == SDTConfig(32, 3, 10, 512, 8, 2, 4, "0011", dataset="cifar10")
+    dvs = get_config("sdt-2-256-cifar10dvs")
     assert (dvs.img_size, dvs.in_channels, dvs.timesteps, dvs.pooling_stat, dvs.dvs_mode) == (64, 2, 10, "0011", True)
-    gesture = get_sdt_config("sdt-2-256-dvs128")  # train.py sets dvs_mode for CIFAR10-DVS only
+    gesture = get_config("sdt-2-256-dvs128")  # train.py sets dvs_mode for CIFAR10-DVS only
     assert (gesture.img_size, gesture.timesteps, gesture.pooling_stat, gesture.dvs_mode) == (128, 16, "0111", False)
-    assert get_sdt_config("sdt-2-256-dvs128-t10").timesteps == 10
-    for name in list_sdt_models("*imagenet*"):
-        cfg = get_sdt_config(name)
+    assert get_config("sdt-2-256-dvs128-t10").timesteps == 10
+    for name in list_models("*imagenet*", family="sdt"):
+        cfg = get_config(name)
         shape = (cfg.img_size, cfg.pooling_stat, cfg.timesteps, cfg.num_classes, cfg.num_tokens)
         assert shape == (224, "1111", 4, 1000, 196), name
 
 
 def test_digits_preset_runs_on_8x8_digits_with_a_16_token_grid():
-    model = create_sdt("sdt-2-64-digits").eval()
+    model = create_model("sdt-2-64-digits").eval()
     assert model.num_tokens == 16 and model.config.grid_size == 4 and model.config.depth == 2
     with torch.no_grad():
         logits = model(torch.rand(5, 1, 8, 8))
@@ -156,8 +157,8 @@ def test_digits_preset_runs_on_8x8_digits_with_a_16_token_grid():
 
 def test_event_frames_keep_their_time_steps_and_dvs_mode_erodes():
     cfg = dict(embed_dim=32, num_heads=8, depth=1, img_size=32)
-    model = create_sdt("sdt-2-256-cifar10dvs", **cfg)
-    plain = create_sdt("sdt-2-256-cifar10dvs", **cfg, dvs_mode=False)
+    model = create_model("sdt-2-256-cifar10dvs", **cfg)
+    plain = create_model("sdt-2-256-cifar10dvs", **cfg, dvs_mode=False)
     plain.load_state_dict(model.state_dict())  # dvs_mode adds no parameters
     site = model.neuron_sites()["patch_embed.proj_lif"]
     site.record = True
@@ -170,13 +171,13 @@ def test_event_frames_keep_their_time_steps_and_dvs_mode_erodes():
 
 
 def test_input_of_the_wrong_shape_is_refused_with_the_expected_shape():
-    model = create_sdt("sdt-2-64-digits")
+    model = create_model("sdt-2-64-digits")
     with pytest.raises(SpkpruneError, match=r"expects images \[B,1,8,8\]"):
         model(torch.rand(2, 3, 8, 8))
 
 
 def test_prunable_weights_are_the_used_conv_and_linear_weights():
-    model = create_sdt("sdt-2-64-digits")
+    model = create_model("sdt-2-64-digits")
     prunable = model.prunable_weights()
     assert len(prunable) == 5 + 6 * 2 + 1  # 4 stem convs + rpe, q k v proj fc1 fc2 per block, head
     assert "patch_embed.rpe_conv.weight" in prunable and "head.weight" in prunable
@@ -186,7 +187,7 @@ def test_prunable_weights_are_the_used_conv_and_linear_weights():
 
 
 def test_neuron_sites_have_the_original_settings():
-    sites = create_sdt("sdt-2-64-digits").neuron_sites()
+    sites = create_model("sdt-2-64-digits").neuron_sites()
     assert len(sites) == 4 + 7 * 2 + 1  # stem stages; shortcut, q, k, v, talking_heads, fc1, fc2 per block; head
     assert sites["block.1.attn.talking_heads_lif"].v_threshold == 0.5
     assert all(s.v_threshold == 1.0 for n, s in sites.items() if not n.endswith("talking_heads_lif"))
@@ -195,15 +196,15 @@ def test_neuron_sites_have_the_original_settings():
 
 def test_config_errors_name_the_problem():
     with pytest.raises(SpkpruneError, match="pooling_stat"):
-        get_sdt_config("sdt-2-64-digits", pooling_stat="011")
+        get_config("sdt-2-64-digits", pooling_stat="011")
     with pytest.raises(SpkpruneError, match="divisible by 2\\*\\*4"):
-        get_sdt_config("sdt-2-64-digits", pooling_stat="1111", img_size=8 + 4)
+        get_config("sdt-2-64-digits", pooling_stat="1111", img_size=8 + 4)
     with pytest.raises(SpkpruneError, match="attn_mode"):
-        get_sdt_config("sdt-2-64-digits", attn_mode="softmax")
+        get_config("sdt-2-64-digits", attn_mode="softmax")
     with pytest.raises(SpkpruneError, match="unknown option"):
-        get_sdt_config("sdt-2-64-digits", depths=2)
-    with pytest.raises(SpkpruneError, match="unknown Spike-driven Transformer preset"):
-        create_sdt("sdt-4-384-cifar10")
+        get_config("sdt-2-64-digits", depths=2)
+    with pytest.raises(SpkpruneError, match="unknown preset 'sdt-4-384-cifar10'"):
+        create_model("sdt-4-384-cifar10")
 
 
 def test_config_round_trips_through_a_dict():

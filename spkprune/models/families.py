@@ -23,9 +23,9 @@ from spkprune.errors import SpkpruneError
 from spkprune.models.neurons import LIF
 from spkprune.models.presets import PRESETS, SpikformerConfig, get_config as spikformer_config
 from spkprune.models.qkformer import QKFormer, QKFormerConfig
-from spkprune.models.qkformer_presets import QKFORMER_PRESETS, get_qkformer_config
+from spkprune.models.qkformer_presets import QKFORMER_PRESETS
 from spkprune.models.sdt import SDTConfig, SpikeDrivenTransformer
-from spkprune.models.sdt_presets import SDT_PRESETS, get_sdt_config
+from spkprune.models.sdt_presets import SDT_PRESETS
 from spkprune.models.spikformer import Spikformer
 
 
@@ -95,7 +95,7 @@ class Family:
     model_class: type[nn.Module]
     config_class: type
     presets: Mapping[str, Any]
-    configure: Callable[..., Any]  # (preset, **overrides) -> config, the family's own checks
+    configure: Callable[..., Any] | None = None  # (preset, **overrides) -> config; None: the preset with overrides
     counted: bool = False  # `flops report` traces it (counting/structure.py)
     token_selection: bool = False  # its models have selector locations (`select-tokens`)
     channel_structures: bool = False  # `imp --granularity channel` knows its structures (pruning/structures.py)
@@ -112,13 +112,17 @@ class Family:
 
     def get_config(self, preset: str, **overrides):
         """Preset `preset`'s configuration with fields replaced by `overrides`."""
+        if preset not in self.presets:
+            raise SpkpruneError(f"unknown {self.title} preset {preset!r}; known: {', '.join(self.list())}")
         unknown = sorted(set(overrides) - set(self.options))
         if unknown:
             raise SpkpruneError(
                 f"unknown option(s) for preset {preset} ({self.name} family): {_with_owners(unknown)}; "
                 f"known: {', '.join(self.options)}"
             )
-        return self.configure(preset, **overrides)
+        if self.configure is not None:
+            return self.configure(preset, **overrides)
+        return dataclasses.replace(self.presets[preset], **overrides)  # the config class checks the result
 
     def create(self, preset: str, **overrides) -> nn.Module:
         """Build preset `preset` with config fields replaced by `overrides`."""
@@ -148,9 +152,9 @@ FAMILIES: dict[str, Family] = {
         Family("spikformer", "Spikformer", "ZK-Zhou/spikformer", Spikformer, SpikformerConfig, PRESETS,
                spikformer_config, counted=True, token_selection=True, channel_structures=True),
         Family("sdt", "Spike-driven Transformer (V1)", "BICLab/Spike-Driven-Transformer", SpikeDrivenTransformer,
-               SDTConfig, SDT_PRESETS, get_sdt_config, counted=True, token_selection=True, channel_structures=True),
+               SDTConfig, SDT_PRESETS, counted=True, token_selection=True, channel_structures=True),
         Family("qkformer", "QKFormer", "zhouchenlin2096/QKFormer", QKFormer, QKFormerConfig, QKFORMER_PRESETS,
-               get_qkformer_config, counted=True, token_selection=True, channel_structures=True),
+               counted=True, token_selection=True, channel_structures=True),
     )
 }
 

@@ -177,7 +177,7 @@ class Block(nn.Module):
 
 
 class QKFormer(nn.Module):
-    """A QKFormer. Build it with `spkprune.models.qkformer_presets.create_qkformer(name)`.
+    """A QKFormer. Build it with `spkprune.create_model(name)`.
 
     Token layout: stage i works on spike-sum maps `[T, B, stage_dims[i], g, g]` with g = `stage_grids[i]`, whose
     g*g positions (axes 3-4, row-major) are its tokens; inside the attention they are flattened to `[T*B, C, N]`.

@@ -9,7 +9,7 @@ Every figure comes from `zhouchenlin2096/QKFormer` (commit c2a00e8):
   (T = 16 frames, spikingjelly's 128x128 frames, no resize).
 - ImageNet: `imagenet/qkformer.py`'s `QKFormer_10_384/512/768` (6, 8, 12 heads), which `imagenet/logs/QKFormer_16M,
   29M, 64M.txt` train with time_step 4 on 224x224 crops (16.47 M, 29.08 M, 64.96 M parameters there). The README's
-  288x288 and 384x384 results use the 10-768 model: `create_qkformer("qkformer-10-768-imagenet", img_size=384)`.
+  288x288 and 384x384 results use the 10-768 model: `create_model("qkformer-10-768-imagenet", img_size=384)`.
 
 `qkformer-3-64-digits` is ours, for the embedded 8x8 one-channel digits: the CIFAR structure (whose first patch
 embedding keeps the image size) on 8x8 images, so its stages see 8x8, 4x4 and 2x2 token grids of widths 16, 32, 64,
@@ -18,11 +18,7 @@ one block each.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-
-from spkprune.errors import SpkpruneError
-from spkprune.models.qkformer import QKFormer, QKFormerConfig
+from spkprune.models.qkformer import QKFormerConfig
 
 
 def _cifar(classes: int, dataset: str) -> QKFormerConfig:
@@ -68,36 +64,4 @@ def original_kwargs(cfg: QKFormerConfig) -> dict:
     )
 
 
-def list_qkformer_models(pattern: str | None = None) -> list[str]:
-    """Preset names, optionally filtered by a glob pattern (`*imagenet*`)."""
-    names = sorted(QKFORMER_PRESETS)
-    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
-
-
-def get_qkformer_config(name: str, **overrides) -> QKFormerConfig:
-    """The configuration of preset `name`, with fields replaced by `overrides` (e.g. `timesteps=2`)."""
-    if name not in QKFORMER_PRESETS:
-        known = ", ".join(list_qkformer_models())
-        raise SpkpruneError(f"unknown QKFormer preset {name!r}; known: {known}")
-    fields = {f.name for f in dataclasses.fields(QKFormerConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise SpkpruneError(
-            f"unknown option(s) for preset {name}: {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
-        )
-    return dataclasses.replace(QKFORMER_PRESETS[name], **overrides)
-
-
-def create_qkformer(name: str, **overrides) -> QKFormer:
-    """Build preset `name` (see `list_qkformer_models()`), with config fields replaced by `overrides`."""
-    return QKFormer(get_qkformer_config(name, **overrides), preset=name)
-
-
-__all__ = [
-    "ORIGINAL_CONSTRUCTORS",
-    "QKFORMER_PRESETS",
-    "create_qkformer",
-    "get_qkformer_config",
-    "list_qkformer_models",
-    "original_kwargs",
-]
+__all__ = ["ORIGINAL_CONSTRUCTORS", "QKFORMER_PRESETS", "original_kwargs"]

@@ -287,7 +287,7 @@ class Block(nn.Module):
 
 
 class SpikeDrivenTransformer(nn.Module):
-    """A Spike-driven Transformer (V1). Build it with `spkprune.models.sdt_presets.create_sdt(name)`.
+    """A Spike-driven Transformer (V1). Build it with `spkprune.create_model(name)`.
 
     Token layout: the blocks pass membrane maps `[T, B, C, H, W]`, whose `num_tokens = H * W` positions (axes 3-4,
     row-major) are the tokens; inside the attention q, k and v are `[T, B, heads, N, C/heads]` (token axis 3).

@@ -12,11 +12,7 @@ stem stage (on its membrane potential, as the original's last pool does), so the
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-
-from spkprune.errors import SpkpruneError
-from spkprune.models.sdt import SDTConfig, SpikeDrivenTransformer
+from spkprune.models.sdt import SDTConfig
 
 
 def _cifar(dim: int, classes: int, dataset: str) -> SDTConfig:
@@ -51,28 +47,4 @@ SDT_PRESETS: dict[str, SDTConfig] = {
 }
 
 
-def list_sdt_models(pattern: str | None = None) -> list[str]:
-    """Preset names, optionally filtered by a glob pattern (`*imagenet*`)."""
-    names = sorted(SDT_PRESETS)
-    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
-
-
-def get_sdt_config(name: str, **overrides) -> SDTConfig:
-    """The configuration of preset `name`, with fields replaced by `overrides` (e.g. `timesteps=2`)."""
-    if name not in SDT_PRESETS:
-        raise SpkpruneError(f"unknown Spike-driven Transformer preset {name!r}; known: {', '.join(list_sdt_models())}")
-    known = {f.name for f in dataclasses.fields(SDTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SpkpruneError(
-            f"unknown option(s) for preset {name}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    return dataclasses.replace(SDT_PRESETS[name], **overrides)
-
-
-def create_sdt(name: str, **overrides) -> SpikeDrivenTransformer:
-    """Build preset `name` (see `list_sdt_models()`), with config fields replaced by `overrides`."""
-    return SpikeDrivenTransformer(get_sdt_config(name, **overrides), preset=name)
-
-
-__all__ = ["SDT_PRESETS", "create_sdt", "get_sdt_config", "list_sdt_models"]
+__all__ = ["SDT_PRESETS"]
