@@ -22,3 +22,34 @@ def fixture_keys(folder: Path) -> list[tuple[str, list[int]]]:
         key, shape = line.split(" ", 1)
         rows.append((key, [int(d) for d in shape.strip("[]").split(",") if d.strip()]))
     return rows
+
+
+def run_recording_spikes(model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The logits of `model(images)` and the output spikes of every neuron site (uint8), recording switched off
+    again afterwards."""
+    sites = model.neuron_sites()
+    for site in sites.values():
+        site.record = True
+    try:
+        with torch.no_grad():
+            logits = model(images)
+    finally:
+        for site in sites.values():
+            site.record = False
+    return logits, {name: site.last_spikes.to(torch.uint8) for name, site in sites.items()}
+
+
+def expected_spikes(folder: Path) -> dict[str, torch.Tensor]:
+    """Every neuron site's spikes the original code produced on the fixture input, by site."""
+    activations = load_file(folder / "golden_small_activations.safetensors")
+    return {k.removeprefix("__spikes__."): v for k, v in activations.items() if k.startswith("__spikes__.")}
+
+
+def check_calls_are_independent(model, images: torch.Tensor) -> None:
+    """A model call resets every neuron first: the same input gives the same logits before and after another."""
+    with torch.no_grad():
+        first, second = model(images), model(images)
+        other = model(torch.rand_like(images))
+        third = model(images)
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert not torch.equal(first, other)

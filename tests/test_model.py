@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import fixturekit
 import spkprune
 from spkprune.errors import SpkpruneError
 
@@ -60,13 +61,7 @@ def test_fixture_features_match(golden_model):
 
 
 def test_forward_resets_neuron_state_so_repeated_calls_agree(golden_model):
-    x = load_file(GOLDEN)["__input__"]
-    with torch.no_grad():
-        first, second = golden_model(x), golden_model(x)
-        other = golden_model(torch.rand_like(x))
-        third = golden_model(x)
-    assert torch.equal(first, second) and torch.equal(first, third)
-    assert not torch.equal(first, other)
+    fixturekit.check_calls_are_independent(golden_model, load_file(GOLDEN)["__input__"])
 
 
 def test_state_dict_round_trips_with_original_keys(golden_model):

@@ -64,21 +64,13 @@ def test_strict_load_rejects_a_foreign_state_dict_with_one_clear_error():
 
 
 def test_every_spike_and_the_logits_equal_the_original_code(golden_model):
-    tensors, activations = load_file(GOLDEN), load_file(ACTIVATIONS)
-    sites = golden_model.neuron_sites()
-    for site in sites.values():
-        site.record = True
-    try:
-        with torch.no_grad():
-            logits = golden_model(tensors["__input__"])
-    finally:
-        for site in sites.values():
-            site.record = False
-    expected = {k.removeprefix("__spikes__."): v for k, v in activations.items() if k.startswith("__spikes__.")}
-    assert set(sites) == set(expected) and len(sites) == 12
-    for name, site in sites.items():
-        assert site.last_spikes.shape == expected[name].shape, name
-        assert torch.equal(site.last_spikes.to(torch.uint8), expected[name]), f"spikes differ at {name}"
+    tensors = load_file(GOLDEN)
+    logits, spikes = fixturekit.run_recording_spikes(golden_model, tensors["__input__"])
+    expected = fixturekit.expected_spikes(FIXTURES)
+    assert set(spikes) == set(expected) and len(spikes) == 12
+    for name, fired in spikes.items():
+        assert fired.shape == expected[name].shape, name
+        assert torch.equal(fired, expected[name]), f"spikes differ at {name}"
         assert expected[name].any(), f"{name} never fires in the fixture: the comparison would prove little"
     # Bit for bit: the same float32 operations in the same order as the original.
     assert torch.equal(logits, tensors["__logits__"])
@@ -91,13 +83,7 @@ def test_neuron_sites_follow_the_original_module_order(golden_model):
 
 
 def test_forward_resets_neuron_state_so_repeated_calls_agree(golden_model):
-    x = load_file(GOLDEN)["__input__"]
-    with torch.no_grad():
-        first, second = golden_model(x), golden_model(x)
-        other = golden_model(torch.rand_like(x))
-        third = golden_model(x)
-    assert torch.equal(first, second) and torch.equal(first, third)
-    assert not torch.equal(first, other)
+    fixturekit.check_calls_are_independent(golden_model, load_file(GOLDEN)["__input__"])
 
 
 # `sum(p.numel())` of the original code's model for each preset (computed by instantiating
